@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from dp2o.degrade.config import DegradationConfig
+from dp2o.degrade.ingest import ImageRejected, list_sources, load_hr
 from dp2o.degrade.params import DegradationParams, KernelParams
+from dp2o.seeding import numpy_rng
 
 
 def import_basicsr() -> types.SimpleNamespace | None:
@@ -62,6 +64,30 @@ SKIP_MESSAGE = (
     "basicsr is not importable: install basicsr==1.4.2 outside the project "
     "(pip install --no-deps --target DIR basicsr==1.4.2) and set BASICSR_PATH=DIR"
 )
+
+
+def crops(n: int, size: int, seed: int, source: str = "bundled://all") -> torch.Tensor:
+    """n random size×size crops (random horizontal flips) of the photos at `source` that are large enough,
+    uint8 [n, 3, size, size]."""
+    images = []
+    for ref in list_sources(source):
+        try:
+            images.append(load_hr(ref, min_size=size))
+        except ImageRejected:
+            continue
+    if not images:
+        raise ValueError(f"no image under {source!r} is at least {size}x{size}")
+    rng = numpy_rng(seed)
+    out = []
+    for _ in range(n):
+        img = images[int(rng.integers(len(images)))]
+        y = int(rng.integers(img.shape[0] - size + 1))
+        x = int(rng.integers(img.shape[1] - size + 1))
+        c = img[y : y + size, x : x + size]
+        if rng.uniform() < 0.5:
+            c = c[:, ::-1]
+        out.append(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 def basicsr_kernel(bs, k: KernelParams, pad_to: int = 21) -> np.ndarray:

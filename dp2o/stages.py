@@ -406,7 +406,8 @@ def sampling_backend(cfg: SampleConfig):
 def _local_copy(stage_dir: Storage, rel: str, tmp: Path) -> Path:
     if stage_dir.local:
         return Path(stage_dir.p(rel))
-    dest = tmp / rel.replace("/", "__")
+    # name the copy after its stage folder too: score reads two stages' tars with the same shard name
+    dest = tmp / f"{sha1(stage_dir.url.encode()).hexdigest()[:12]}-{rel.replace('/', '__')}"
     return stage_dir.download(rel, to=dest)
 
 

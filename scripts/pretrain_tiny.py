@@ -22,11 +22,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - registers pa.compute
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dp2o.data import bundled_files
 from dp2o.degrade.config import DegradationConfig
+from dp2o.degrade.ingest import crop_origin, list_sources, load_hr
 from dp2o.degrade.params import sample_params
 from dp2o.degrade.pipeline import degrade_batch
 from dp2o.models.tiny import DEFAULT_NUM_INFERENCE_STEPS, TinyBackend, bundled_weights_dir
@@ -52,6 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100, help="print the mean loss every this many steps")
     p.add_argument(
         "--half", action=argparse.BooleanOptionalAction, default=True, help="store float16 weights"
+    )
+    p.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="skip training; compare the model in --out with bicubic upsampling on held-out crops",
+    )
+    p.add_argument(
+        "--verify-inputs", type=int, default=16, help="held-out crops for the comparison with bicubic"
+    )
+    p.add_argument("--verify-seeds", type=int, default=4, help="candidates (seeds) per held-out crop")
+    p.add_argument("--verify-crop", type=int, default=128, help="HR side of the held-out crops")
+    p.add_argument(
+        "--report-dir", type=Path, default=Path("docs/tiny_model"), help="where the grid and JSON go"
     )
     args = p.parse_args(argv)
     if "heldout" in args.source or "all" in args.source:
@@ -95,9 +112,90 @@ def make_degrader(seed: int):
     return degrade
 
 
+def verify(args: argparse.Namespace) -> dict:
+    """Held-out check of the model in args.out: offline reward and raw metrics of its samples vs bicubic
+    upsampling, per-pixel std across seeds, sampling speed, and a PNG grid. Returns (and writes) a JSON record."""
+    from dp2o.evaluate.scoring import RewardModel
+
+    cfg = DegradationConfig()
+    refs = list_sources("bundled://heldout")
+    photos = [load_hr(ref, min_size=args.verify_crop) for ref in refs]
+    crop, hrs, params, ids = args.verify_crop, [], [], []
+    for i in range(args.verify_inputs):
+        k, s = i % len(photos), derive_seed(args.seed, "verify", i)
+        y, x = crop_origin(photos[k].shape[0], photos[k].shape[1], crop, s)
+        hrs.append(
+            torch.from_numpy(np.ascontiguousarray(photos[k][y : y + crop, x : x + crop])).permute(2, 0, 1)
+        )
+        params.append(sample_params(cfg, s))
+        ids.append(f"verify-{i:03d}")
+    hr, lr = degrade_batch(torch.stack(hrs), params, cfg)
+    lr01 = lr.float() / 255
+    backend = TinyBackend.from_pretrained(args.out)
+    backend.eval()
+    m = args.verify_seeds
+    start = time.time()
+    cands = torch.stack(
+        [backend.sample(lr01[i : i + 1].expand(m, -1, -1, -1), list(range(m))) for i in range(len(ids))]
+    )
+    seconds_per_candidate = (time.time() - start) / (len(ids) * m)
+    bicubic = F.interpolate(lr01, scale_factor=4, mode="bicubic").clamp(0, 1)[:, None]
+    model = RewardModel("offline")
+    rewards = model.reward(
+        model.raw(ids, torch.cat([bicubic, cands], dim=1), hr)
+    )  # bounds fitted on bicubic and samples together, so both share one scale
+    is_bicubic = pa.compute.equal(rewards["candidate"], 0)
+    summary = {}
+    for name, mask in (("bicubic", is_bicubic), ("tiny", pa.compute.invert(is_bicubic))):
+        part = rewards.filter(mask)
+        summary[name] = {c: float(np.mean(part[c])) for c in ["reward", *model.metric_names]}
+    record = {
+        "inputs": len(ids),
+        "crop": crop,
+        "seeds": m,
+        "num_inference_steps": backend.num_inference_steps,
+        "threads": torch.get_num_threads(),
+        "seconds_per_candidate": seconds_per_candidate,
+        "candidates_per_second": 1 / seconds_per_candidate,
+        "pixel_std_across_seeds": float(cands.std(dim=1).mean()),
+        "pixel_std_across_seeds_255": float(cands.std(dim=1).mean() * 255),
+        "mean": summary,
+        "tiny_minus_bicubic_reward": summary["tiny"]["reward"] - summary["bicubic"]["reward"],
+    }
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    (args.report_dir / "verify.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_grid(lr01[:3], bicubic[:3, 0], cands[:3], hr[:3], args.report_dir / "seeds_grid.png")
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def save_grid(
+    lr: torch.Tensor, bicubic: torch.Tensor, cands: torch.Tensor, hr: torch.Tensor, path: Path
+) -> None:
+    """Rows: inputs; columns: LR (nearest ×4), bicubic, each seed's sample, std across seeds (×4 gain), HR."""
+    rows = []
+    for i in range(lr.shape[0]):
+        std = (
+            (cands[i].std(dim=0, keepdim=True).mean(dim=1, keepdim=True) * 4).clamp(0, 1).expand(1, 3, -1, -1)
+        )
+        tiles = [
+            F.interpolate(lr[i : i + 1], scale_factor=4, mode="nearest"),
+            bicubic[i : i + 1],
+            cands[i],
+            std,
+            hr[i : i + 1].float() / 255,
+        ]
+        rows.append(torch.cat([torch.cat(list(t), dim=2) for t in tiles], dim=2))
+    grid = torch.cat(rows, dim=1)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.verify_only:
+        verify(args)
+        return
     photos = load_photos(args.source)
     degrade = make_degrader(args.seed)
     backend = TinyBackend.from_random(seed=derive_seed(args.seed, "pretrain-init") % 2**32)
@@ -142,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     record.update(final_loss=float(np.mean(losses[-args.log_every :])), seconds=round(time.time() - start, 1))
     (Path(args.out) / "pretrain_args.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out} in {record['seconds']} s")
+    verify(args)
 
 
 if __name__ == "__main__":

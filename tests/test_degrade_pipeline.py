@@ -142,7 +142,7 @@ def test_min_hr_side_is_the_true_limit():
 )
 def test_gaussian_family_kernels_are_normalised_and_point_symmetric(kind):
     k = gaussian_family_kernel(kind, 15, 2.0, 0.7, 0.4, 1.5)
-    assert k.shape == (15, 15) and math.isclose(k.sum(), 1.0) and (k > 0).all()
+    assert k.shape == (15, 15) and math.isclose(k.sum(), 1.0) and (k >= 0).all()
     np.testing.assert_allclose(k, k[::-1, ::-1], atol=1e-15)
     assert k.argmax() == 15 * 7 + 7
 
@@ -189,14 +189,14 @@ def test_gaussian_noise_level_and_gray_noise_is_shared_by_channels():
 
 
 def test_poisson_noise_grows_with_brightness_and_scale():
-    dark, bright = torch.full((1, 3, 64, 64), 0.1), torch.full((1, 3, 64, 64), 0.8)
-    dark[..., 0, 0], bright[..., 0, 0] = 0.0, 0.0  # a few distinct levels so the photon count is not 1
-    nd = ops.add_poisson_noise(dark, 1.0, False, torch_generator(2)) - dark
-    nb = ops.add_poisson_noise(bright, 1.0, False, torch_generator(2)) - bright
-    assert nb.std() > nd.std() > 0
-    nb2 = ops.add_poisson_noise(bright, 2.0, False, torch_generator(2)) - bright
-    assert nb2.std() > 1.5 * nb.std()
-    gray = ops.add_poisson_noise(bright, 1.0, True, torch_generator(2)) - bright
+    # a ramp over all 256 levels, so the photon count per level is 256 as for a real photo
+    img = torch.linspace(0, 1, 256).repeat(1, 3, 64, 1)
+    dark, bright = slice(20, 60), slice(180, 220)
+    n1 = ops.add_poisson_noise(img, 1.0, False, torch_generator(2)) - img
+    assert n1[..., bright].std() > 1.5 * n1[..., dark].std() > 0
+    n2 = ops.add_poisson_noise(img, 2.0, False, torch_generator(2)) - img
+    assert 1.8 < float(n2[..., bright].std() / n1[..., bright].std()) < 2.2
+    gray = ops.add_poisson_noise(img, 1.0, True, torch_generator(2)) - img
     assert torch.equal(gray[:, 0], gray[:, 2])
 
 
@@ -204,7 +204,7 @@ def test_jpeg_error_grows_as_quality_drops_and_keeps_shape():
     img = _photo_batch(1, 77)[:, :, :, :70].float() / 255  # not a multiple of 16: padding path
     errs = [float((ops.jpeg(img, q) - img).abs().mean()) for q in (95, 75, 50, 30)]
     assert ops.jpeg(img, 50).shape == img.shape
-    assert errs == sorted(errs) and errs[0] < 0.01 < errs[-1] * 3
+    assert errs == sorted(errs) and errs[-1] > 2 * errs[0]
     flat = torch.full((1, 3, 32, 32), 0.5)
     assert (ops.jpeg(flat, 30) - flat).abs().max() < 1.5 / 255  # a flat block survives any quality
 
@@ -227,3 +227,13 @@ def test_cpu_and_gpu_agree_within_float_tolerance():
     _, gpu = degrade_batch(hr, params, CFG, device="cuda")
     diff = (cpu.int() - gpu.int()).abs().float()
     assert diff.mean() < 0.5 and (diff > 0).float().mean() < 0.2
+
+
+def test_poisson_field_is_robust_to_a_last_bit_change_of_one_rate():
+    # CPU and GPU compute rates that can differ in the last bit; only that pixel may then change
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    y[0, 0, 0, 0] = torch.nextafter(y[0, 0, 0, 0], torch.tensor(2.0))
+    a = ops.add_poisson_noise(x, 1.0, False, torch_generator(4))
+    b = ops.add_poisson_noise(y, 1.0, False, torch_generator(4))
+    assert int((a != b).sum()) <= 1

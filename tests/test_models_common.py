@@ -265,7 +265,7 @@ def test_unreachable_hub_id_fails_fast_with_the_fix(monkeypatch, kind):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
-    with pytest.raises(BackendError, match=r"`model`: .*not in the local cache.*HF_HOME"):
+    with pytest.raises(BackendError, match=r"`model`: .*neither a local folder nor a hub repo.*HF_HOME"):
         build_backend(BackendConfig(kind=kind, model="dp2o-tests/not-a-real-repo"))
     assert time.perf_counter() - start < 5
 
@@ -297,3 +297,21 @@ def test_accelerate_wrapped_policy_still_starts_at_ln2(sd2):
     err, ref = b.prediction_errors(batch)
     loss, _ = dpo_loss(err[:1], ref[:1], err[1:], ref[1:], beta=5000.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_gpu_benchmark_dry_run_on_cpu_writes_its_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_gpu.py"
+    out = tmp_path / "sample_gpu.json"
+    args = ["--quick", "--n-lr", "2", "--n-seeds", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("sd2", "flux"):
+        part = result[name]
+        assert part["ours"]["candidates"] == 4 and part["pipeline_loop"]["candidates"] == 2
+        assert part["speedup_vs_pipeline_loop"] > 0
+        assert part["regenerated_alone_max_abs_diff"] < 1e-5

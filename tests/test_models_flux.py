@@ -80,6 +80,7 @@ def test_one_flow_dpo_step_starts_at_ln2_and_moves_only_the_policy(flux, tmp_pat
     targets = torch.rand(2 * n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     batch = b.make_noised_batch(targets, torch.cat([lr, lr]), torch.Generator().manual_seed(4))
     assert batch.t.is_floating_point() and batch.t.min() > 0 and batch.t.max() < 1
+    torch.testing.assert_close(batch.cond.control[:n], batch.cond.control[n:], atol=0, rtol=0)
     err, err_ref = b.prediction_errors(batch)
     loss, _ = dpo_loss(err[:n], err_ref[:n], err[n:], err_ref[n:], beta=1000.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

@@ -88,6 +88,7 @@ def test_one_dpo_step_starts_at_ln2_and_moves_only_the_policy(sd2, tmp_path, lor
     targets = torch.rand(2 * n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     batch = b.make_noised_batch(targets, torch.cat([lr, lr]), torch.Generator().manual_seed(5))
     assert batch.t.dtype == torch.int64 and batch.x0.shape == (2 * n, 4, 16, 16)
+    torch.testing.assert_close(batch.cond.control[:n], batch.cond.control[n:], atol=0, rtol=0)
     err, err_ref = b.prediction_errors(batch)
     assert err_ref.grad_fn is None and err.grad_fn is not None
     loss, logs = dpo_loss(err[:n], err_ref[:n], err[n:], err_ref[n:], beta=5000.0)
@@ -109,6 +110,8 @@ def test_one_dpo_step_starts_at_ln2_and_moves_only_the_policy(sd2, tmp_path, lor
     err3, err_ref3 = restored.prediction_errors(batch)
     torch.testing.assert_close(err3, err2.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(err_ref3, err_ref, atol=1e-6, rtol=0)
+    with pytest.raises(BackendError, match=f"saved with lora_rank={lora_rank}"):
+        backend(*sd2, lora_rank=0 if lora_rank else 4).load_trainable(tmp_path / "ckpt")
 
 
 def test_v_prediction_base_trains_against_velocity(tmp_path):
@@ -124,3 +127,30 @@ def test_v_prediction_base_trains_against_velocity(tmp_path):
     velocity = b._noiser.get_velocity(batch.x0, batch.noise, batch.t)
     assert err_ref.item() == pytest.approx((pred - velocity).pow(2).mean().item(), rel=1e-5)
     assert err_ref.item() != pytest.approx((pred - batch.noise).pow(2).mean().item(), rel=1e-3)
+
+
+def test_mixed_precision_keeps_fp32_trainables_and_starts_at_ln2(sd2):
+    b = backend(*sd2, dtype="bfloat16")
+    assert b.unet.dtype == torch.bfloat16
+    b.train()
+    assert {p.dtype for p in b.trainable_parameters()} == {torch.float32}
+    lr = lr_images(2)
+    batch = b.make_noised_batch(torch.rand(2, 3, 32, 32), lr, torch.Generator().manual_seed(0))
+    err, ref = b.prediction_errors(batch)
+    loss, _ = dpo_loss(err[:1], ref[:1], err[1:], ref[1:], beta=5000.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert b.sample(lr[:1], [0]).dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sd2):
+    grads = []
+    for checkpointing in (False, True):
+        b = backend(*sd2, gradient_checkpointing=checkpointing)
+        b.train()
+        targets = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        batch = b.make_noised_batch(targets, lr_images(2), torch.Generator().manual_seed(0))
+        err, _ = b.prediction_errors(batch)
+        err.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in b.trainable_parameters() if p.grad is not None]))
+    assert b.controlnet.is_gradient_checkpointing
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

@@ -57,6 +57,9 @@ def test_one_dpo_step_starts_at_ln2_and_trains_the_unet(folder, lora_rank):
         torch.rand(2, 3, 32, 32), torch.cat([lr, lr]), torch.Generator().manual_seed(0)
     )
     assert batch.x0.shape == (2, 4, 8, 8)
+    # winner and loser share the LR, so they must share its noised version (the condition)
+    torch.testing.assert_close(batch.cond.image[0], batch.cond.image[1], atol=0, rtol=0)
+    assert (batch.cond.image[0] - (2 * lr[0] - 1)).abs().max() > 1e-3, "the LR is noised to the noise level"
     err, ref = b.prediction_errors(batch)
     loss, _ = dpo_loss(err[:1], ref[:1], err[1:], ref[1:], beta=5000.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

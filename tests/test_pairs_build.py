@@ -148,6 +148,13 @@ def test_output_does_not_depend_on_row_order_or_input_container():
     )
     assert other.equals(ref)
     assert other_stats == ref_stats
+    # Parquet often reads ids back dictionary-encoded, possibly with unused dictionary entries
+    dictionary = pa.DictionaryArray.from_arrays(
+        pa.array(np.searchsorted(np.unique(ids), ids), pa.int32()), pa.array([*np.unique(ids), "unused"])
+    )
+    encoded, encoded_stats = build_pairs(dictionary, cands, rewards, n_top=2, weighting="hpo")
+    assert encoded.equals(ref)
+    assert encoded_stats == ref_stats
 
 
 def test_integer_sample_ids_sort_numerically_and_keep_their_type():
@@ -179,6 +186,7 @@ def test_no_group_with_pairs_gives_an_empty_table_and_nan_mu_sigma():
     "args, kwargs, match",
     [
         ((["a", "a"], [0, 0], [0.1, 0.2]), {}, "duplicated .*sample_id='a' candidate=0"),
+        ((["b", "a", "b"], [2**62, 0, 2**62], [0.1, 0.2, 0.3]), {}, f"1 duplicated .*'b' candidate={2**62}"),
         ((["a", "a"], [0, 1], [0.1, 1.5]), {}, r"rewards in \[0, 1\]"),
         ((["a", "a"], [0, 1], [0.1]), {}, "lengths 2, 2, 1"),
         ((["a", "a"], [0.0, 1.0], [0.1, 0.2]), {}, "integer ids"),
@@ -198,3 +206,14 @@ def test_uniform_weighting_accepts_rewards_outside_unit_interval():
     table, _ = build_pairs(["a", "a"], [0, 1], [-3.0, 7.0], n_top=1, weighting="uniform")
     assert table["win"].to_pylist() == [1]
     assert table["weight"].to_pylist() == [1.0]
+
+
+def test_huge_candidate_ids_give_the_same_pairs():
+    # ids this large cannot be packed into one int64 sort key, so the other sort path runs
+    ids, cands, rewards = _random_scores(seed=5)
+    small, small_stats = build_pairs(ids, cands, rewards, n_top=2, weighting="hpo")
+    big, big_stats = build_pairs(ids, cands * 2**50, rewards, n_top=2, weighting="hpo")
+    assert big["win"].to_pylist() == [c * 2**50 for c in small["win"].to_pylist()]
+    assert big["lose"].to_pylist() == [c * 2**50 for c in small["lose"].to_pylist()]
+    assert big.drop(["win", "lose"]).equals(small.drop(["win", "lose"]))
+    assert big_stats == small_stats

@@ -56,7 +56,11 @@ def test_first_dpo_loss_is_ln2(finished):
 
     _, results, _ = finished
     metrics = pq.read_table(Path(results["train"].url) / "data" / "metrics.parquet")
-    assert metrics["loss"][0].as_py() == pytest.approx(math.log(2), abs=1e-6)
+    # every pair's loss is ln 2 when policy == reference; the step loss is the weighted mean. The tolerance
+    # covers float32 rounding differences between the grad-enabled policy pass and the no-grad reference
+    # pass, which beta=5000 amplifies (~1e-8 in an error -> ~1e-5 in the loss).
+    first = metrics.slice(0, 1).to_pylist()[0]
+    assert first["loss"] == pytest.approx(math.log(2) * first["weight"], abs=2e-4)
 
 
 def test_rerun_recomputes_nothing(finished):

@@ -51,12 +51,13 @@ class SourceRef:
 
 
 class ImageRejected(Exception):
-    """A source that cannot be used as an HR image; `reason` says why, str(e) also names the file."""
+    """A source that cannot be used as an HR image. `reason` says why; str(e) is "<source>: <reason>" when
+    the source is given (always, when raised by `load_hr`)."""
 
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"{source}: {reason}")
-        self.source = source
+    def __init__(self, reason: str, source: str | None = None):
+        super().__init__(f"{source}: {reason}" if source else reason)
         self.reason = reason
+        self.source = source
 
 
 def _extension(path: str) -> str:
@@ -144,7 +145,7 @@ def _read_bytes(ref: SourceRef, storage_options: dict | None) -> bytes:
         with tarfile.open(fileobj=f, mode="r:*") as tar:
             member = tar.extractfile(ref.member)
             if member is None:
-                raise ImageRejected(ref.name, "tar member is not a regular file")
+                raise ImageRejected(source=ref.name, reason="tar member is not a regular file")
             return member.read()
 
 
@@ -167,7 +168,7 @@ def _decode_deep_colour(data: bytes, im: Image.Image, name: str) -> np.ndarray:
 
     x = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if x is None or x.dtype != np.uint16 or x.ndim != 3:
-        raise ImageRejected(name, "16-bit colour image could not be decoded")
+        raise ImageRejected(source=name, reason="16-bit colour image could not be decoded")
     x = _sixteen_bit_to_uint8(x)
     rgb = x[..., 2::-1] if x.shape[2] >= 3 else np.repeat(x[..., :1], 3, axis=2)
     alpha = x[..., 3] if x.shape[2] == 4 else (x[..., 1] if x.shape[2] == 2 else None)
@@ -182,7 +183,9 @@ def _to_rgb(im: Image.Image, name: str) -> np.ndarray:
         gray = _sixteen_bit_to_uint8(np.asarray(im, dtype=np.int64))
         return np.repeat(gray[..., None], 3, axis=2)
     if im.mode == "F":
-        raise ImageRejected(name, "32-bit float images are not supported; convert to 8- or 16-bit integers")
+        raise ImageRejected(
+            source=name, reason="32-bit float images are not supported; convert to 8- or 16-bit integers"
+        )
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -208,7 +211,7 @@ def load_hr(
     name = ref.name
     data = _read_bytes(ref, storage_options)
     if not data:
-        raise ImageRejected(name, "empty file (0 bytes)")
+        raise ImageRejected(source=name, reason="empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -216,7 +219,8 @@ def load_hr(
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageRejected(
-                    name, f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (decompression bomb?)"
+                    source=name,
+                    reason=f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (decompression bomb?)",
                 )
             if _is_deep_colour(im):
                 rgb = _decode_deep_colour(data, im, name)
@@ -224,15 +228,19 @@ def load_hr(
                 im.load()
                 rgb = _to_rgb(ImageOps.exif_transpose(im), name)
     except Image.DecompressionBombError as e:
-        raise ImageRejected(name, f"decompression bomb: {e}") from e
+        raise ImageRejected(source=name, reason=f"decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
-        raise ImageRejected(name, "not an image (no decoder recognises the file's content)") from e
+        raise ImageRejected(
+            source=name, reason="not an image (no decoder recognises the file's content)"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageRejected(name, f"unreadable or truncated image: {e}") from e
+        raise ImageRejected(source=name, reason=f"unreadable or truncated image: {e}") from e
     h, w = rgb.shape[:2]
     if min(h, w) < min_size:
-        raise ImageRejected(name, f"too small: {w}x{h}, both sides must be at least {min_size} px")
-    return np.ascontiguousarray(rgb)
+        raise ImageRejected(
+            source=name, reason=f"too small: {w}x{h}, both sides must be at least {min_size} px"
+        )
+    return np.require(rgb, requirements=["C", "W"])  # a writable array: torch.from_numpy warns on read-only
 
 
 def crop_origin(h: int, w: int, size: int, seed: int) -> tuple[int, int]:

@@ -14,11 +14,13 @@ we keep that, since the aim is the distribution Real-ESRGAN trains on.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import special
 
 # Standard JPEG quantisation tables (ITU-T T.81 Annex K), row = vertical frequency.
 _LUMA_TABLE = np.array(
@@ -95,13 +97,49 @@ def add_gaussian_noise(
     return (img + (noise * (sigma / 255.0)).to(img.device)).clamp_(0, 1)
 
 
+_GUIDE = 256  # guide-table entries per rate: the inverse-CDF search then mostly starts 0 or 1 step short
+
+
+@functools.lru_cache(maxsize=16)
+def _poisson_tables(levels: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For the 256 rates λ_v = levels·v/255 (v = 0..255): the Poisson CDFs, flattened [256·K] (float64), and a
+    guide table [256, G] of flat indices where the inverse-CDF search for u ∈ [j/G, (j+1)/G) can start."""
+    k_max = int(levels + 12 * math.sqrt(levels) + 24)  # the tail beyond holds < 1e-20 of the mass
+    rates = np.arange(256, dtype=np.float64)[:, None] * (levels / 255.0)
+    cdf = special.pdtr(np.arange(k_max, dtype=np.float64)[None, :], rates)
+    cdf[:, -1] = 1.0
+    starts = np.stack([np.searchsorted(row, np.arange(_GUIDE) / _GUIDE) for row in cdf])
+    flat_starts = starts + np.arange(256)[:, None] * k_max
+    return torch.from_numpy(cdf).flatten(), torch.from_numpy(flat_starts).flatten(), k_max
+
+
 def _poisson_on_levels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shot noise for x [1, C, H, W] in [0, 1]: x is quantised to 8 bits, the photon count per level is the
-    number of distinct levels rounded up to a power of two (as BasicSR), and the noise is returned."""
-    x8 = (x * 255.0).round_().clamp_(0, 255) / 255.0
-    levels = 2.0 ** math.ceil(math.log2(len(torch.unique(x8))))
-    counts = torch.poisson((x8 * levels).cpu(), generator=generator)
-    return counts.to(x.device) / levels - x8
+    number of distinct levels rounded up to a power of two (as BasicSR), and the noise is returned.
+
+    Counts are drawn by inverse CDF from exactly one uniform per pixel, not with torch.poisson: its rejection
+    sampler uses a varying number of uniforms per pixel, so one rate that differs in the last float bit
+    (CPU vs GPU) would shift the random stream for every later pixel. Here it can change only that pixel.
+    """
+    x8 = (x * 255.0).round_().clamp_(0, 255)
+    v = x8.to(device="cpu", dtype=torch.uint8).flatten().long()
+    distinct = int((torch.bincount(v, minlength=256) > 0).sum())
+    levels = 2 ** math.ceil(math.log2(distinct))
+    cdf, guide, k_max = _poisson_tables(levels)
+    u = torch.rand(v.shape, generator=generator, dtype=torch.float64)
+    idx = guide[v * _GUIDE + (u * _GUIDE).long()]
+    for _ in range(2):
+        idx += cdf[idx] < u
+    rest = (cdf[idx] < u).nonzero().squeeze(1)
+    if rest.numel():  # a few pixels (mostly u < 1/G at high rates) are further off: binary-search them
+        lo, hi, ur = idx[rest], v[rest] * k_max + (k_max - 1), u[rest]
+        while bool((lo < hi).any()):
+            mid = (lo + hi) // 2
+            right = cdf[mid] < ur
+            lo, hi = torch.where(right, mid + 1, lo), torch.where(right, hi, mid)
+        idx[rest] = lo
+    counts = idx - v * k_max
+    return (counts.to(torch.float32).reshape(x8.shape) / levels).to(x.device) - x8 / 255.0
 
 
 def add_poisson_noise(

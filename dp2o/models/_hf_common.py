@@ -84,7 +84,8 @@ def read_json(source: str, filename: str, *, field: str, subfolder: str | None =
         path = hf_hub_download(source, filename, subfolder=subfolder)
     except LocalEntryNotFoundError as exc:
         raise BackendError(
-            f"`{field}`: {source!r} is not in the local cache and the hub is unreachable; {_OFFLINE_HINT}"
+            f"`{field}`: {source!r} is neither a local folder nor a hub repo in the local cache, and the hub is "
+            f"unreachable; {_OFFLINE_HINT}"
         ) from exc
     except EntryNotFoundError:
         return None
@@ -280,13 +281,21 @@ class TrainableModule:
 
         state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.module).items()}
         save_file(state, str(folder / _LORA_FILE))
-        (folder / _LORA_META).write_text(json.dumps({"lora_rank": self.lora_rank, "keys": len(state)}))
+        (folder / _LORA_META).write_text(json.dumps({"lora_rank": self.lora_rank}))
 
     def load(self, folder: str | Path) -> None:
         from safetensors.torch import load_file
 
         self.ensure_reference()
         folder = Path(folder)
+        if (folder / _LORA_META).is_file():
+            saved_rank = json.loads((folder / _LORA_META).read_text())["lora_rank"]
+        else:
+            saved_rank = 0 if (folder / _FULL_FILE).is_file() else self.lora_rank
+        if saved_rank != self.lora_rank:
+            raise BackendError(
+                f"{folder} was saved with lora_rank={saved_rank}; set `lora_rank: {saved_rank}`"
+            )
         name = _FULL_FILE if self.lora_rank == 0 else _LORA_FILE
         path = folder / name
         if not path.is_file():

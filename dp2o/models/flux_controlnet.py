@@ -203,9 +203,14 @@ class FluxControlNetBackend(DiffusersBackend):
         return FluxControlNetPipeline._pack_latents(latents, b, c, h, w)
 
     def _encode_control(self, lr: torch.Tensor, generator) -> torch.Tensor:
-        """lr [B, 3, h, w] in [0, 1] → packed VAE latents of its ×4 bicubic upsample (posterior sample)."""
+        """lr [B, 3, h, w] in [0, 1] → packed VAE latents of its ×4 bicubic upsample.
+
+        With generators (sampling) a posterior sample, as the pipeline draws it; with None (training) the
+        posterior mean, so a winner and its loser, which share the LR, see exactly the same condition.
+        """
         pixels = (2 * upsample(lr, self.scale) - 1).to(self._device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.mode() if generator is None else posterior.sample(generator=generator)
         latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         return self._pack(latents.to(self._dtype))
 
@@ -289,6 +294,7 @@ class FluxControlNetBackend(DiffusersBackend):
         latents = FluxControlNetPipeline._unpack_latents(latents, height, width, self._vae_scale)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        self.pipeline.maybe_free_model_hooks()  # with cpu_offload: hand the GPU back between calls
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     # ---- training -------------------------------------------------------------------------------------
@@ -319,7 +325,7 @@ class FluxControlNetBackend(DiffusersBackend):
         tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
         sigma = self._sampler.time_shift(self._shift_mu(tokens), 1.0, sigma).float()
         text, pooled = self._text(row_prompts(prompts, self.cfg.prompt, batch))
-        cond = FluxCondition(control=self._encode_control(lr, generator), text=text, pooled=pooled)
+        cond = FluxCondition(control=self._encode_control(lr, None), text=text, pooled=pooled)
         return NoisedBatch(x0=x0, noise=noise, t=sigma.to(self._device), cond=cond)
 
     def prediction_errors(self, batch: NoisedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -236,7 +236,9 @@ class SD2ControlNetBackend(DiffusersBackend):
                 pred = uncond + self.guidance_scale * (cond - uncond)
             latents = self._sampler.step(pred, t, latents, generator=generators, return_dict=False)[0]
             latents = latents.to(self._dtype)
-        return self._decode(latents)
+        images = self._decode(latents)
+        self.pipeline.maybe_free_model_hooks()  # with cpu_offload: hand the GPU back between calls
+        return images
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]

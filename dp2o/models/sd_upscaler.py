@@ -11,6 +11,7 @@ its VAE latents have the LR's own size (VAE factor 4), which is where the ×4 co
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dp2o.models._hf_common import (
 )
 from dp2o.models.base import NoisedBatch
 from dp2o.models.config import BackendConfig
+from dp2o.seeding import derive_seed, torch_generator
 from dp2o.train.losses import per_sample_mse
 
 DEFAULT_STEPS = 75
@@ -52,6 +54,22 @@ class UpscalerCondition:
     image: torch.Tensor
     noise_level: torch.Tensor
     text: torch.Tensor
+
+
+def _content_generators(lr: torch.Tensor, generator: torch.Generator) -> list[torch.Generator]:
+    """Per-row generators for the LR noise in training, seeded by (the batch generator's seed, the row's pixels).
+
+    The noised LR is part of the condition, and DPO needs a winner and its loser to share it; both rows hold
+    the same LR, so seeding by content gives them the same noise without the caller knowing about it.
+    """
+    base = generator.initial_seed()
+    rows = lr.detach().float().cpu().contiguous()
+    return [
+        torch_generator(
+            derive_seed(base, "upscaler-lr-noise", hashlib.blake2b(r.numpy().tobytes()).hexdigest())
+        )
+        for r in rows
+    ]
 
 
 class SDUpscalerBackend(DiffusersBackend):
@@ -187,6 +205,7 @@ class SDUpscalerBackend(DiffusersBackend):
             )
         latents = latents.to(self._vae_dtype) / self.vae.config.scaling_factor
         image = self.vae.decode(latents, return_dict=False)[0]
+        self.pipeline.maybe_free_model_hooks()  # with cpu_offload: hand the GPU back between calls
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     @torch.no_grad()
@@ -213,7 +232,7 @@ class SDUpscalerBackend(DiffusersBackend):
         x0 = (posterior.sample(generator=generator) * self.vae.config.scaling_factor).float()
         noise = randn_tensor(x0.shape, generator=generator, device=self._device, dtype=torch.float32)
         t = torch.randint(0, self._noiser.config.num_train_timesteps, (batch,), generator=generator)
-        image, level = self._noised_lr(lr, generator)
+        image, level = self._noised_lr(lr, _content_generators(lr, generator))
         (text,) = self._text(row_prompts(prompts, self.cfg.prompt, batch))
         cond = UpscalerCondition(image=image, noise_level=level, text=text)
         return NoisedBatch(x0=x0, noise=noise, t=t.to(self._device), cond=cond)

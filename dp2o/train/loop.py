@@ -40,7 +40,7 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 DEFAULT_BETA = {"epsilon": 5000.0, "v_prediction": 5000.0, "flow": 1000.0}
 
 METRIC_COLUMNS = ("step", "loss", "implicit_acc", "lr", "err_w", "err_l", "err_ref_w", "err_ref_l", "reward_margin",
-                  "grad_norm", "seconds")
+                  "weight", "grad_norm", "seconds")
 
 
 @dataclass
