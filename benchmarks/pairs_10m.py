@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pairs_10m.json"))
     args = parser.parse_args()
 
+    # the machine may be shared: record its load so readers can judge the absolute times
+    load_start = os.getloadavg()
     sample_id, candidate, reward = make_scores(args.groups, args.m, seed=0)
     n = len(candidate)
     perm = np.random.default_rng(1).permutation(n)
@@ -161,6 +163,7 @@ def main() -> None:
         "machine": platform.machine(),
         "cpu_count_visible": os.cpu_count(),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "load_average_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

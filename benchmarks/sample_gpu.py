@@ -289,9 +289,11 @@ def timed(fn, device) -> tuple[float, object]:
 
 
 def count_flops(fn) -> float:
+    """FLOPs of `fn()`; attention runs as plain matmuls here so every SDPA backend is counted the same way."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
 

@@ -44,3 +44,25 @@ def test_library_never_imports_prefect():
             "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
             "assert not bad, bad[:5]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_deployments_are_accepted_by_prefect_deploy(prefect_harness, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run([*prefect, "work-pool", "create", "dp2o-local", "--type", "process"], env=env, cwd=repo,
+                   capture_output=True, check=False)
+    r = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env=env,
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ls = subprocess.run([*prefect, "deployment", "ls"], env=env, cwd=repo, capture_output=True, text=True, check=True)
+    for name in ("dp2o-pipeline/demo", "dp2o-pipeline/nightly", "degrade/degrade", "sample/sample", "score/score",
+                 "reward/reward", "pairs/pairs", "train/train"):
+        assert name in ls.stdout, ls.stdout
