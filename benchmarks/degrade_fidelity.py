@@ -38,7 +38,7 @@ from degrade_reference import (  # noqa: E402
 )
 
 from dp2o.degrade import DegradationConfig, degrade_batch, ops, sample_params  # noqa: E402
-from dp2o.degrade.pipeline import blur, kernel_array  # noqa: E402
+from dp2o.degrade.pipeline import blur, kernel_array, usm_kernel  # noqa: E402
 from dp2o.seeding import derive_seed, torch_generator  # noqa: E402
 
 #: tolerances asserted by part 1 (floats in [0, 1] unless stated)
@@ -106,11 +106,7 @@ def op_by_op(bs, cfg: DegradationConfig, hr: torch.Tensor, n_chain: int) -> dict
         res[f"poisson_{key}_ks_p_value"] = float(ks.pvalue)
         res[f"poisson_{key}_std_ratio_minus_1"] = abs(std_ratio - 1)
     usm_ref = bs.USMSharp(radius=cfg.usm.radius)(img, weight=cfg.usm.weight, threshold=cfg.usm.threshold)
-    from dp2o.degrade.kernels import gaussian_1d, opencv_gaussian_sigma
-
-    g = torch.from_numpy(
-        gaussian_1d(cfg.usm.radius, opencv_gaussian_sigma(cfg.usm.radius)).astype(np.float32)
-    )
+    g = usm_kernel(cfg)
     res["usm_max_abs"] = float(
         (ops.usm_sharpen(img, g, cfg.usm.weight, cfg.usm.threshold) - usm_ref).abs().max()
     )

@@ -36,7 +36,6 @@ PROFILED = (
     "usm_sharpen",
     "blur",
     "filter2d",
-    "filter2d_separable",
     "resize",
     "add_gaussian_noise",
     "add_poisson_noise",

@@ -22,32 +22,58 @@ STAGES = ("degrade", "sample", "score", "reward", "pairs", "train")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="pipeline YAML (sections degrade/sample/score/pairs/train); stage commands "
-                   "use their section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set sample.num_candidates=8 (repeatable)")
-    p.add_argument("--orchestrator", choices=("prefect", "local"), default="prefect",
-                   help="prefect: run as Prefect flows (default); local: plain loop in this process")
-    p.add_argument("--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option for s3:// etc., e.g. --storage-option endpoint_url=http://host:9000")
+    p.add_argument(
+        "--config",
+        help="pipeline YAML (sections degrade/sample/score/pairs/train); stage commands use their section",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set sample.num_candidates=8 (repeatable)",
+    )
+    p.add_argument(
+        "--orchestrator",
+        choices=("prefect", "local"),
+        default="prefect",
+        help="prefect: run as Prefect flows (default); local: plain loop in this process",
+    )
+    p.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option for s3:// etc., e.g. --storage-option endpoint_url=http://host:9000",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dp2o", description="DP²O-SR preference optimisation pipeline for Real-ISR")
+    ap = argparse.ArgumentParser(
+        prog="dp2o", description="DP²O-SR preference optimisation pipeline for Real-ISR"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the whole pipeline (degrade → sample → score → reward → pairs → train)")
+    p = sub.add_parser(
+        "run", help="run the whole pipeline (degrade → sample → score → reward → pairs → train)"
+    )
     _common(p)
     p.add_argument("--root", help="run root URL (local folder or s3://bucket/prefix); default from config")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
 
-    p = sub.add_parser("demo", help="run the whole pipeline on the bundled photos with the built-in tiny model")
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline on the bundled photos with the built-in tiny model"
+    )
     _common(p)
     p.add_argument("--root", default=None, help="run root (default runs/demo)")
 
     p = sub.add_parser("degrade", help="HR photos -> LR/HR webdataset shards + Parquet index")
     _common(p)
-    p.add_argument("--input", help="HR source: folder, fsspec URL, webdataset .tar shards, or bundled://train")
+    p.add_argument(
+        "--input", help="HR source: folder, fsspec URL, webdataset .tar shards, or bundled://train"
+    )
     p.add_argument("--out", required=True, help="output stage folder")
     p.add_argument("--crop-size", type=int, help="HR crop side (multiple of 4)")
 
@@ -71,20 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pairs", help="top-N x bottom-N preference pairs with HPO weights")
     _common(p)
-    p.add_argument("--scores", required=True, help="reward stage folder, or any Parquet file/folder with "
-                   "sample_id, candidate, reward")
+    p.add_argument(
+        "--scores",
+        required=True,
+        help="reward stage folder, or any Parquet file/folder with sample_id, candidate, reward",
+    )
     p.add_argument("--out", required=True, help="output folder (Parquet files under data/)")
-    p.add_argument("--n-top", type=int, help="N: top-N winners x bottom-N losers per input (1 = best vs worst)")
+    p.add_argument(
+        "--n-top", type=int, help="N: top-N winners x bottom-N losers per input (1 = best vs worst)"
+    )
     p.add_argument("--weighting", choices=("hpo", "uniform"), help="hierarchical weights or weight 1")
 
     p = sub.add_parser("train", help="weighted Diffusion-DPO on a pairs stage")
     _common(p)
     p.add_argument("--pairs", required=True, help="finished pairs stage folder")
-    p.add_argument("--samples", help="sample stage folder holding the candidates (default: from the pairs' lineage)")
+    p.add_argument(
+        "--samples", help="sample stage folder holding the candidates (default: from the pairs' lineage)"
+    )
     p.add_argument("--out", required=True, help="output folder (checkpoints/, model/, data/metrics.parquet)")
     p.add_argument("--steps", type=int, help="optimiser steps")
 
-    p = sub.add_parser("inspect", help="print a stage folder's manifest or a Parquet file's schema and first rows")
+    p = sub.add_parser(
+        "inspect", help="print a stage folder's manifest or a Parquet file's schema and first rows"
+    )
     p.add_argument("target", help="stage folder or .parquet file/URL")
     p.add_argument("--rows", type=int, default=10)
 
@@ -138,12 +173,20 @@ def _run_stage(stage: str, cfg: PipelineConfig, orchestrator: str, **urls) -> di
         "score": lambda: stages.plan_score(section, urls["samples"], urls["out"], storage_options=so),
         "reward": lambda: stages.plan_reward(section, urls["scores"], urls["out"], storage_options=so),
         "pairs": lambda: stages.plan_pairs(section, urls["scores"], urls["out"], storage_options=so),
-        "train": lambda: stages.plan_train(section, urls["pairs"], urls["out"], samples_url=urls.get("samples"),
-                                           storage_options=so),
+        "train": lambda: stages.plan_train(
+            section, urls["pairs"], urls["out"], samples_url=urls.get("samples"), storage_options=so
+        ),
     }[stage]()
     r = execute_plan(plan, workers=cfg.workers)
-    return {"stage": r.stage, "url": r.url, "rows": r.manifest["rows"], "errors": r.manifest["errors"],
-            "computed": r.computed, "skipped": r.skipped, "stats": r.manifest["stats"]}
+    return {
+        "stage": r.stage,
+        "url": r.url,
+        "rows": r.manifest["rows"],
+        "errors": r.manifest["errors"],
+        "computed": r.computed,
+        "skipped": r.skipped,
+        "stats": r.manifest["stats"],
+    }
 
 
 def _inspect(target: str, rows: int) -> None:
@@ -155,9 +198,17 @@ def _inspect(target: str, rows: int) -> None:
     if s.fs.isdir(s.path):
         if s.exists(MANIFEST):
             m = s.read_json(MANIFEST)
-            print(json.dumps({k: m[k] for k in ("stage", "fingerprint", "rows", "errors", "stats", "upstream")},
-                             indent=2, default=str))
-            print(f"shards: {len(m['shards'])}; files: " + ", ".join(f for sh in m["shards"][:3] for f in sh["files"]))
+            print(
+                json.dumps(
+                    {k: m[k] for k in ("stage", "fingerprint", "rows", "errors", "stats", "upstream")},
+                    indent=2,
+                    default=str,
+                )
+            )
+            print(
+                f"shards: {len(m['shards'])}; files: "
+                + ", ".join(f for sh in m["shards"][:3] for f in sh["files"])
+            )
             return
         raise SystemExit(f"{target}: not a finished stage folder (no {MANIFEST})")
     with s.fs.open(s.path, "rb") as f:
@@ -175,9 +226,15 @@ def _verify(target: str) -> int:
 
     s = Storage(target)
     m = s.read_json(MANIFEST)
-    bad = [sh["name"] for sh in m["shards"] if read_marker(s, sh["name"], fingerprint=m["fingerprint"], verify_hash=True) is None]
-    print(f"{target}: {len(m['shards']) - len(bad)} of {len(m['shards'])} shards verified" +
-          (f"; BAD: {bad}" if bad else ""))
+    bad = [
+        sh["name"]
+        for sh in m["shards"]
+        if read_marker(s, sh["name"], fingerprint=m["fingerprint"], verify_hash=True) is None
+    ]
+    print(
+        f"{target}: {len(m['shards']) - len(bad)} of {len(m['shards'])} shards verified"
+        + (f"; BAD: {bad}" if bad else "")
+    )
     return 1 if bad else 0
 
 
@@ -224,14 +281,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _pipeline_config(args)
             res = _run_stage("reward", cfg, args.orchestrator, scores=args.scores, out=args.out)
         elif args.command == "pairs":
-            pairs = {k: v for k, v in {"n_top": args.n_top, "weighting": args.weighting}.items() if v is not None}
+            pairs = {
+                k: v for k, v in {"n_top": args.n_top, "weighting": args.weighting}.items() if v is not None
+            }
             cfg = _pipeline_config(args, {"pairs": pairs} if pairs else None)
             res = _run_stage("pairs", cfg, args.orchestrator, scores=args.scores, out=args.out)
         elif args.command == "train":
             if args.steps:
                 extra = {"train": {"steps": args.steps}}
             cfg = _pipeline_config(args, extra)
-            res = _run_stage("train", cfg, args.orchestrator, pairs=args.pairs, samples=args.samples, out=args.out)
+            res = _run_stage(
+                "train", cfg, args.orchestrator, pairs=args.pairs, samples=args.samples, out=args.out
+            )
         else:  # pragma: no cover - argparse restricts the choices
             raise SystemExit(f"unknown command {args.command}")
         print(json.dumps(res, indent=2, default=str))

@@ -36,14 +36,22 @@ class _Frozen(BaseModel):
 class DegradeConfig(_Frozen):
     """HR photos -> random crops -> Real-ESRGAN-style degradation -> LR/HR pairs."""
 
-    input: str = Field("bundled://train", description="HR source: folder, fsspec URL, webdataset shards, or bundled://")
-    crop_size: int = Field(512, ge=16, description="HR crop side in pixels (a multiple of the degradation scale)")
+    input: str = Field(
+        "bundled://train", description="HR source: folder, fsspec URL, webdataset shards, or bundled://"
+    )
+    crop_size: int = Field(
+        512, ge=16, description="HR crop side in pixels (a multiple of the degradation scale)"
+    )
     crops_per_image: int = Field(1, ge=1, description="random crops taken from each HR photo")
     min_size: int | None = Field(None, ge=1, description="reject photos smaller than this; None = crop_size")
     images_per_shard: int = Field(64, ge=1, description="HR photos per output shard")
-    seed: int = Field(0, description="global seed; each sample's crop and parameters derive from (seed, sample id)")
+    seed: int = Field(
+        0, description="global seed; each sample's crop and parameters derive from (seed, sample id)"
+    )
     degradation: DegradationConfig = Field(default_factory=DegradationConfig)
-    max_failed_fraction: float = Field(0.5, ge=0, le=1, description="fail the stage if more photos than this fail")
+    max_failed_fraction: float = runtime(
+        default=0.5, ge=0, le=1, description="fail the stage if a larger fraction of rows are errors"
+    )
     batch_size: int = runtime(default=16, ge=1, description="crops degraded per torch call")
     device: str = runtime(default="cpu", description="torch device for the degradation ops")
 
@@ -62,14 +70,18 @@ class SampleConfig(_Frozen):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     num_candidates: int = Field(32, ge=2, description="M, candidates per LR input")
     seed: int = Field(0, description="global seed; candidate seeds derive from (seed, sample id, candidate)")
-    max_failed_fraction: float = Field(0.0, ge=0, le=1, description="fail the stage if more rows than this fail")
+    max_failed_fraction: float = runtime(
+        default=0.0, ge=0, le=1, description="fail the stage if a larger fraction of rows are errors"
+    )
     batch_size: int = runtime(default=8, ge=1, description="(LR, seed) rows per denoising batch")
 
 
 class ScoreConfig(_Frozen):
     """IQA metrics per candidate (raw columns) and the hybrid reward computed from them."""
 
-    metrics: str | tuple[str, ...] = Field("offline", description="a preset name (paper, offline) or metric names")
+    metrics: str | tuple[str, ...] = Field(
+        "offline", description="a preset name (paper, offline) or metric names"
+    )
     batch_size: int = Field(
         8, ge=1, description="scoring batch size; fingerprinted because some learned metrics depend on it"
     )
@@ -92,7 +104,9 @@ class TrainConfig(_Frozen):
     pairs_per_step: int = Field(1024, ge=1, description="pairs per optimiser step (by gradient accumulation)")
     micro_batch: int = runtime(default=8, ge=1, description="pairs per forward/backward pass")
     learning_rate: float = Field(2e-5, gt=0)
-    beta: float | None = Field(None, gt=0, description="DPO beta; None = backend default (5000 for diffusion)")
+    beta: float | None = Field(
+        None, gt=0, description="DPO beta; None = backend default (5000 for diffusion)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
@@ -107,7 +121,9 @@ class PipelineConfig(_Frozen):
     """The whole chain. `root` is a local folder or any fsspec URL (s3://bucket/prefix)."""
 
     root: str = Field("runs/demo", description="run root; every stage writes <root>/<stage>/<fingerprint>/")
-    storage_options: dict[str, Any] = runtime(default_factory=dict, description="fsspec options (credentials, endpoint)")
+    storage_options: dict[str, Any] = runtime(
+        default_factory=dict, description="fsspec options (credentials, endpoint)"
+    )
     degrade: DegradeConfig = Field(default_factory=DegradeConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
@@ -157,7 +173,12 @@ def canonical_json(value: Any) -> str:
 def fingerprint(stage: str, config: Any, upstream: tuple[str, ...] | list[str] = ()) -> str:
     """16 hex digits naming the output of `stage` run with `config` on the given upstream fingerprints."""
     payload = json.dumps(
-        {"stage": stage, "version": STAGE_VERSIONS[stage], "config": canonical(config), "upstream": list(upstream)},
+        {
+            "stage": stage,
+            "version": STAGE_VERSIONS[stage],
+            "config": canonical(config),
+            "upstream": list(upstream),
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -220,7 +241,9 @@ def load_config(model: type[BaseModel], path: str | Path | None = None, override
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must be a mapping of sections, got {type(loaded).__name__}"
+            )
         data = loaded
     if overrides:
         data = deep_merge(data, overrides)

@@ -51,5 +51,7 @@ def bundled_files(uri: str) -> list[Path]:
     root = bundled_dir()
     missing = [n for n in names if not (root / n).exists()]
     if missing:
-        raise FileNotFoundError(f"scikit-image data files {missing} are missing under {root}; reinstall scikit-image")
+        raise FileNotFoundError(
+            f"scikit-image data files {missing} are missing under {root}; reinstall scikit-image"
+        )
     return [root / n for n in names]

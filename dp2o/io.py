@@ -124,7 +124,9 @@ class Storage:
             self.put_atomic(f, *parts)
 
     def write_json_atomic(self, obj: Any, *parts: str) -> None:
-        self.write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), *parts)
+        self.write_bytes_atomic(
+            (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), *parts
+        )
 
     @contextlib.contextmanager
     def local_tmpdir(self) -> Iterator[str]:

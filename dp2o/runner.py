@@ -52,13 +52,15 @@ def execute_plan(plan: StagePlan, *, workers: int = 1, log: Logger = print) -> S
 Executor = Callable[[StagePlan], StageResult]
 
 
-def run_pipeline(cfg: PipelineConfig, execute: Executor | None = None, *, log: Logger = print,
-                 until: str | None = None) -> dict[str, StageResult]:
+def run_pipeline(
+    cfg: PipelineConfig, execute: Executor | None = None, *, log: Logger = print, until: str | None = None
+) -> dict[str, StageResult]:
     """degrade → sample → score → reward → pairs → train under `cfg.root`; each stage skips committed shards.
 
     until: stop after this stage (e.g. "pairs").
     """
     if execute is None:
+
         def execute(plan: StagePlan) -> StageResult:
             return execute_plan(plan, workers=cfg.workers, log=log)
 
@@ -94,24 +96,32 @@ def summary(results: dict[str, StageResult], wall_seconds: float | None = None) 
     lines.append("-" * 78)
     if "degrade" in results:
         st = results["degrade"].manifest["stats"]
-        lines.append(f"degrade: {st.get('sources', 0)} source files, {st.get('samples_ok', 0)} LR/HR pairs, "
-                     f"{results['degrade'].manifest['errors']} rejected (see `error` column)")
+        lines.append(
+            f"degrade: {st.get('sources', 0)} source files, {st.get('samples_ok', 0)} LR/HR pairs, "
+            f"{results['degrade'].manifest['errors']} rejected (see `error` column)"
+        )
     if "reward" in results:
         st = results["reward"].manifest["stats"]
         n = results["reward"].manifest["rows"]
         if n:
-            lines.append(f"reward:  mean {st['reward_sum'] / n:.3f}  min {st['reward_min']:.3f}  "
-                         f"max {st['reward_max']:.3f}  over {n} candidates")
+            lines.append(
+                f"reward:  mean {st['reward_sum'] / n:.3f}  min {st['reward_min']:.3f}  "
+                f"max {st['reward_max']:.3f}  over {n} candidates"
+            )
     if "pairs" in results:
         st = results["pairs"].manifest["stats"]
-        lines.append(f"pairs:   {results['pairs'].manifest['rows']} pairs from {st.get('groups_with_pairs')} of "
-                     f"{st.get('groups')} groups ({st.get('groups_zero_spread')} zero-spread skipped)")
+        lines.append(
+            f"pairs:   {results['pairs'].manifest['rows']} pairs from {st.get('groups_with_pairs')} of "
+            f"{st.get('groups')} groups ({st.get('groups_zero_spread')} zero-spread skipped)"
+        )
     if "train" in results:
         st = results["train"].manifest["stats"]
         fl, fa = st.get("final_loss"), st.get("final_implicit_acc")
         first = st.get("first_loss")
-        lines.append(f"train:   {st.get('steps')} steps, loss {first:.4f} -> {fl:.4f}, implicit acc {fa:.3f}, "
-                     f"model at {results['train'].url}/model")
+        lines.append(
+            f"train:   {st.get('steps')} steps, loss {first:.4f} -> {fl:.4f}, implicit acc {fa:.3f}, "
+            f"model at {results['train'].url}/model"
+        )
     lines.append("(shards column: computed + already-committed (c); committed shards are never recomputed)")
     if wall_seconds is not None:
         lines.append(f"wall time: {wall_seconds:.1f}s")

@@ -30,8 +30,16 @@ def degrade_schema() -> pa.Schema:
 
 
 def degrade_error_row(sample_id: str, source: str, scale: int, error: str) -> dict:
-    return {"sample_id": sample_id, "source": source, "crop_x": None, "crop_y": None, "scale": scale, "seed": None,
-            "status": "error", "error": error}
+    return {
+        "sample_id": sample_id,
+        "source": source,
+        "crop_x": None,
+        "crop_y": None,
+        "scale": scale,
+        "seed": None,
+        "status": "error",
+        "error": error,
+    }
 
 
 def sample_schema() -> pa.Schema:

@@ -126,8 +126,13 @@ def _shards_like(upstream: Storage) -> list[ShardSpec]:
 # ---- planning ------------------------------------------------------------------------------------------------
 
 
-def plan_degrade(cfg: DegradeConfig, out_url: str | None = None, *, root: str | None = None,
-                 storage_options: dict | None = None) -> StagePlan:
+def plan_degrade(
+    cfg: DegradeConfig,
+    out_url: str | None = None,
+    *,
+    root: str | None = None,
+    storage_options: dict | None = None,
+) -> StagePlan:
     from dp2o.degrade.ingest import list_sources
 
     so = dict(storage_options or {})
@@ -138,31 +143,65 @@ def plan_degrade(cfg: DegradeConfig, out_url: str | None = None, *, root: str | 
     fp = fingerprint("degrade", cfg, [listing])
     refs = [(s.uri, s.relpath, s.member) for s in sources]
     n = cfg.images_per_shard
-    shards = [ShardSpec(i, shard_name(i), tuple(refs[j : j + n])) for i, j in enumerate(range(0, len(refs), n))]
-    return StagePlan("degrade", fp, out_url or stage_url(root or "runs", "degrade", fp), cfg, shards,
-                     upstream={"source": {"url": cfg.input, "fingerprint": listing, "files": len(refs)}},
-                     storage_options=so)
+    shards = [
+        ShardSpec(i, shard_name(i), tuple(refs[j : j + n])) for i, j in enumerate(range(0, len(refs), n))
+    ]
+    return StagePlan(
+        "degrade",
+        fp,
+        out_url or stage_url(root or "runs", "degrade", fp),
+        cfg,
+        shards,
+        upstream={"source": {"url": cfg.input, "fingerprint": listing, "files": len(refs)}},
+        storage_options=so,
+    )
 
 
-def plan_sample(cfg: SampleConfig, degraded_url: str, out_url: str | None = None, *, root: str | None = None,
-                storage_options: dict | None = None) -> StagePlan:
+def plan_sample(
+    cfg: SampleConfig,
+    degraded_url: str,
+    out_url: str | None = None,
+    *,
+    root: str | None = None,
+    storage_options: dict | None = None,
+) -> StagePlan:
     so = dict(storage_options or {})
     up = resolve_stage_dir(degraded_url, so, "degrade")
     entry = _upstream_entry(up)
     fp = fingerprint("sample", cfg, [entry["fingerprint"]])
-    return StagePlan("sample", fp, out_url or stage_url(root or "runs", "sample", fp), cfg, _shards_like(up),
-                     upstream={"degrade": entry}, storage_options=so)
+    return StagePlan(
+        "sample",
+        fp,
+        out_url or stage_url(root or "runs", "sample", fp),
+        cfg,
+        _shards_like(up),
+        upstream={"degrade": entry},
+        storage_options=so,
+    )
 
 
-def plan_score(cfg: ScoreConfig, samples_url: str, out_url: str | None = None, *, root: str | None = None,
-               storage_options: dict | None = None) -> StagePlan:
+def plan_score(
+    cfg: ScoreConfig,
+    samples_url: str,
+    out_url: str | None = None,
+    *,
+    root: str | None = None,
+    storage_options: dict | None = None,
+) -> StagePlan:
     so = dict(storage_options or {})
     up = resolve_stage_dir(samples_url, so, "sample")
     entry = _upstream_entry(up)
     degrade = read_manifest(up)["upstream"]["degrade"]
     fp = fingerprint("score", _score_part(cfg), [entry["fingerprint"]])
-    return StagePlan("score", fp, out_url or stage_url(root or "runs", "score", fp), cfg, _shards_like(up),
-                     upstream={"sample": entry, "degrade": degrade}, storage_options=so)
+    return StagePlan(
+        "score",
+        fp,
+        out_url or stage_url(root or "runs", "score", fp),
+        cfg,
+        _shards_like(up),
+        upstream={"sample": entry, "degrade": degrade},
+        storage_options=so,
+    )
 
 
 def _score_part(cfg: ScoreConfig) -> dict:
@@ -172,19 +211,41 @@ def _score_part(cfg: ScoreConfig) -> dict:
     return c
 
 
-def plan_reward(cfg: ScoreConfig, scores_url: str, out_url: str | None = None, *, root: str | None = None,
-                storage_options: dict | None = None) -> StagePlan:
+def plan_reward(
+    cfg: ScoreConfig,
+    scores_url: str,
+    out_url: str | None = None,
+    *,
+    root: str | None = None,
+    storage_options: dict | None = None,
+) -> StagePlan:
     so = dict(storage_options or {})
     up = resolve_stage_dir(scores_url, so, "score")
     entry = _upstream_entry(up)
-    fp = fingerprint("reward", {"metrics": canonical(cfg.metrics), "reward": canonical(cfg.reward)}, [entry["fingerprint"]])
+    fp = fingerprint(
+        "reward", {"metrics": canonical(cfg.metrics), "reward": canonical(cfg.reward)}, [entry["fingerprint"]]
+    )
     upstream = {"score": entry, **{k: v for k, v in read_manifest(up)["upstream"].items()}}
-    return StagePlan("reward", fp, out_url or stage_url(root or "runs", "reward", fp), cfg, _shards_like(up),
-                     upstream=upstream, storage_options=so, single_task=True)
+    return StagePlan(
+        "reward",
+        fp,
+        out_url or stage_url(root or "runs", "reward", fp),
+        cfg,
+        _shards_like(up),
+        upstream=upstream,
+        storage_options=so,
+        single_task=True,
+    )
 
 
-def plan_pairs(cfg: PairsConfig, rewards_url: str, out_url: str | None = None, *, root: str | None = None,
-               storage_options: dict | None = None) -> StagePlan:
+def plan_pairs(
+    cfg: PairsConfig,
+    rewards_url: str,
+    out_url: str | None = None,
+    *,
+    root: str | None = None,
+    storage_options: dict | None = None,
+) -> StagePlan:
     """Pairs from a finished reward stage folder, or from any Parquet file/folder with sample_id, candidate,
     reward (then `upstream` records the URL and a hash of the file list)."""
     so = dict(storage_options or {})
@@ -198,12 +259,27 @@ def plan_pairs(cfg: PairsConfig, rewards_url: str, out_url: str | None = None, *
         entry = {"url": rewards_url, "fingerprint": listing, "stage": "external"}
         upstream = {"reward": entry}
     fp = fingerprint("pairs", cfg, [entry["fingerprint"]])
-    return StagePlan("pairs", fp, out_url or stage_url(root or "runs", "pairs", fp), cfg, [ShardSpec(0, shard_name(0))],
-                     upstream=upstream, storage_options=so, single_task=True)
+    return StagePlan(
+        "pairs",
+        fp,
+        out_url or stage_url(root or "runs", "pairs", fp),
+        cfg,
+        [ShardSpec(0, shard_name(0))],
+        upstream=upstream,
+        storage_options=so,
+        single_task=True,
+    )
 
 
-def plan_train(cfg: TrainConfig, pairs_url: str, out_url: str | None = None, *, root: str | None = None,
-               samples_url: str | None = None, storage_options: dict | None = None) -> StagePlan:
+def plan_train(
+    cfg: TrainConfig,
+    pairs_url: str,
+    out_url: str | None = None,
+    *,
+    root: str | None = None,
+    samples_url: str | None = None,
+    storage_options: dict | None = None,
+) -> StagePlan:
     so = dict(storage_options or {})
     up = resolve_stage_dir(pairs_url, so, "pairs")
     entry = _upstream_entry(up)
@@ -213,10 +289,20 @@ def plan_train(cfg: TrainConfig, pairs_url: str, out_url: str | None = None, *, 
         upstream["sample"] = _upstream_entry(s)
         upstream["degrade"] = read_manifest(s)["upstream"]["degrade"]
     if "sample" not in upstream:
-        raise StageError(f"train: cannot find the sampled candidates for pairs at {pairs_url}; pass --samples")
+        raise StageError(
+            f"train: cannot find the sampled candidates for pairs at {pairs_url}; pass --samples"
+        )
     fp = fingerprint("train", cfg, [entry["fingerprint"], upstream["sample"]["fingerprint"]])
-    return StagePlan("train", fp, out_url or stage_url(root or "runs", "train", fp), cfg, [ShardSpec(0, "train")],
-                     upstream=upstream, storage_options=so, single_task=True)
+    return StagePlan(
+        "train",
+        fp,
+        out_url or stage_url(root or "runs", "train", fp),
+        cfg,
+        [ShardSpec(0, "train")],
+        upstream=upstream,
+        storage_options=so,
+        single_task=True,
+    )
 
 
 def _parquet_files(url: str, so: dict) -> list[tuple[str, int]]:
@@ -236,8 +322,12 @@ def prepare(plan: StagePlan) -> None:
     """Write config.json (refusing a folder that holds another config's results) and fail fast on things that
     would only break later: missing metric weights, unloadable backends."""
     out = plan.out
-    resolved = {"stage": plan.stage, "fingerprint": plan.fingerprint, "config": canonical(plan.config),
-                "upstream": plan.upstream}
+    resolved = {
+        "stage": plan.stage,
+        "fingerprint": plan.fingerprint,
+        "config": canonical(plan.config),
+        "upstream": plan.upstream,
+    }
     if out.exists("config.json"):
         old = out.read_json("config.json")
         if old.get("fingerprint") != plan.fingerprint:
@@ -263,7 +353,9 @@ def finalize(plan: StagePlan) -> dict:
     for s in plan.shards:
         m = read_marker(out, s.name, fingerprint=plan.fingerprint)
         if m is None:
-            raise StageError(f"{plan.stage}: shard {s.name} in {plan.out_url} is not committed; rerun the stage")
+            raise StageError(
+                f"{plan.stage}: shard {s.name} in {plan.out_url} is not committed; rerun the stage"
+            )
         markers.append(m)
     rows = sum(m["rows"] for m in markers)
     errors = sum(m["errors"] for m in markers)
@@ -282,7 +374,10 @@ def finalize(plan: StagePlan) -> dict:
         "fingerprint": plan.fingerprint,
         "config": canonical(plan.config),
         "upstream": plan.upstream,
-        "shards": [{"name": m["shard"], "files": m["files"], "rows": m["rows"], "errors": m["errors"]} for m in markers],
+        "shards": [
+            {"name": m["shard"], "files": m["files"], "rows": m["rows"], "errors": m["errors"]}
+            for m in markers
+        ],
         "rows": rows,
         "errors": errors,
         "stats": stats,
@@ -355,7 +450,9 @@ def _run_degrade(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
         try:
             img = load_hr(ref, min_size=cfg.min_size or cfg.crop_size, storage_options=plan.storage_options)
             if min(img.shape[:2]) < cfg.crop_size:
-                raise ImageRejected(f"{relpath}: {img.shape[1]}x{img.shape[0]} is smaller than crop_size={cfg.crop_size}")
+                raise ImageRejected(
+                    f"{relpath}: {img.shape[1]}x{img.shape[0]} is smaller than crop_size={cfg.crop_size}"
+                )
         except ImageRejected as e:
             rows.append(schemas.degrade_error_row(f"{base}-c00", relpath, scale, str(e)))
             continue
@@ -367,8 +464,19 @@ def _run_degrade(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
             crop = img[y : y + cfg.crop_size, x : x + cfg.crop_size]
             params = sample_params(cfg.degradation, seed)
             jobs.append((sid, crop, params))
-            rows.append({"sample_id": sid, "source": relpath, "crop_x": x, "crop_y": y, "scale": scale,
-                         "seed": seed, "status": "ok", "error": None, **params.to_row()})
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "source": relpath,
+                    "crop_x": x,
+                    "crop_y": y,
+                    "scale": scale,
+                    "seed": seed,
+                    "status": "ok",
+                    "error": None,
+                    **params.to_row(),
+                }
+            )
     members: list[tuple[str, bytes]] = []
     for i in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[i : i + cfg.batch_size]
@@ -384,8 +492,13 @@ def _run_degrade(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     dio.write_parquet(table, pq_path)
     write_tar(tar_path, members)
     errors = sum(r["status"] != "ok" for r in rows)
-    return ShardOutput(spec.name, {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
-                       rows=len(rows), errors=errors, stats={"samples_ok": len(rows) - errors, "sources": len(spec.inputs)})
+    return ShardOutput(
+        spec.name,
+        {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
+        rows=len(rows),
+        errors=errors,
+        stats={"samples_ok": len(rows) - errors, "sources": len(spec.inputs)},
+    )
 
 
 # ---- sample ------------------------------------------------------------------------------------------------------
@@ -418,10 +531,22 @@ def candidate_key(sample_id: str, candidate: int) -> str:
 def _run_sample(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     cfg: SampleConfig = plan.config
     up = plan.upstream_dir("degrade")
-    index = dio.read_parquet(up, f"data/{spec.name}.parquet", columns=["sample_id", "status"])
-    ok_ids = [s for s, st in zip(index["sample_id"].to_pylist(), index["status"].to_pylist(), strict=True) if st == "ok"]
+    index = dio.read_parquet(up, f"data/{spec.name}.parquet")
+    ok_ids = [
+        s
+        for s, st in zip(index["sample_id"].to_pylist(), index["status"].to_pylist(), strict=True)
+        if st == "ok"
+    ]
+    # a `prompt` column in the degrade index (e.g. tags added by a captioning step) overrides the fixed prompt
+    prompt_of = (
+        dict(zip(index["sample_id"].to_pylist(), index["prompt"].to_pylist(), strict=True))
+        if "prompt" in index.column_names
+        else None
+    )
     backend = sampling_backend(cfg)
-    jobs = [(sid, c, derive_seed(cfg.seed, "sample", sid, c)) for sid in ok_ids for c in range(cfg.num_candidates)]
+    jobs = [
+        (sid, c, derive_seed(cfg.seed, "sample", sid, c)) for sid in ok_ids for c in range(cfg.num_candidates)
+    ]
     rows: list[dict] = []
     members: list[tuple[str, bytes]] = []
     with TarReader(_local_copy(up, f"data/{spec.name}.tar", tmp)) as tar:
@@ -432,11 +557,26 @@ def _run_sample(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
                 if sid not in lr_cache:
                     lr_cache[sid] = tar.image(f"{sid}.lr.png")
             lr = to_tensor01(lr_cache[sid] for sid, _, _ in chunk)
-            sr = to_uint8_hwc(backend.sample(lr, [seed for _, _, seed in chunk], prompts=None))
+            prompts = [prompt_of[sid] or cfg.backend.prompt for sid, _, _ in chunk] if prompt_of else None
+            out = backend.sample(lr, [seed for _, _, seed in chunk], prompts=prompts)
+            finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
+            sr = to_uint8_hwc(torch.nan_to_num(out))
             for j, (sid, c, seed) in enumerate(chunk):
-                members.append((f"{candidate_key(sid, c)}.sr.png", encode_png(sr[j])))
-                rows.append({"sample_id": sid, "candidate": c, "seed": seed, "backend": backend.name,
-                             "height": int(sr.shape[1]), "width": int(sr.shape[2]), "status": "ok", "error": None})
+                row = {
+                    "sample_id": sid,
+                    "candidate": c,
+                    "seed": seed,
+                    "backend": backend.name,
+                    "height": int(sr.shape[1]),
+                    "width": int(sr.shape[2]),
+                    "status": "ok",
+                    "error": None,
+                }
+                if finite[j]:
+                    members.append((f"{candidate_key(sid, c)}.sr.png", encode_png(sr[j])))
+                else:  # e.g. fp16 overflow: record it, keep the other candidates
+                    row.update(status="error", error="model output has NaN/inf values")
+                rows.append(row)
             # an LR input is needed only by its own consecutive candidates
             for sid in [s for s in lr_cache if s != chunk[-1][0]]:
                 del lr_cache[sid]
@@ -444,8 +584,14 @@ def _run_sample(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     pq_path, tar_path = tmp / f"{spec.name}.parquet", tmp / f"{spec.name}.tar"
     dio.write_parquet(table, pq_path)
     write_tar(tar_path, members)
-    return ShardOutput(spec.name, {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
-                       rows=len(rows), errors=0, stats={"inputs": len(ok_ids)})
+    errors = sum(r["status"] != "ok" for r in rows)
+    return ShardOutput(
+        spec.name,
+        {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
+        rows=len(rows),
+        errors=errors,
+        stats={"inputs": len(ok_ids)},
+    )
 
 
 # ---- score -------------------------------------------------------------------------------------------------------
@@ -488,8 +634,10 @@ def _run_score(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     sample_dir, degrade_dir = plan.upstream_dir("sample"), plan.upstream_dir("degrade")
     cands = dio.read_parquet(sample_dir, f"data/{spec.name}.parquet").to_pylist()
     rows: list[dict] = []
-    with TarReader(_local_copy(sample_dir, f"data/{spec.name}.tar", tmp)) as sr_tar, \
-         TarReader(_local_copy(degrade_dir, f"data/{spec.name}.tar", tmp)) as hr_tar:
+    with (
+        TarReader(_local_copy(sample_dir, f"data/{spec.name}.tar", tmp)) as sr_tar,
+        TarReader(_local_copy(degrade_dir, f"data/{spec.name}.tar", tmp)) as hr_tar,
+    ):
         by_sample: dict[str, list[dict]] = {}
         for r in cands:
             if r["status"] == "ok":
@@ -499,8 +647,16 @@ def _run_score(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
             sr = to_tensor01(sr_tar.image(f"{candidate_key(sid, r['candidate'])}.sr.png") for r in group)
             scores = scorer.score(sr, hr.expand(len(group), -1, -1, -1))
             for j, r in enumerate(group):
-                rows.append({"sample_id": sid, "candidate": r["candidate"], "seed": r["seed"], "status": "ok",
-                             "error": None, **{m.name: float(scores[m.name][j]) for m in specs}})
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "candidate": r["candidate"],
+                        "seed": r["seed"],
+                        "status": "ok",
+                        "error": None,
+                        **{m.name: float(scores[m.name][j]) for m in specs},
+                    }
+                )
     table = pa.Table.from_pylist(rows, schema=schemas.score_schema([m.name for m in specs]))
     pq_path = tmp / f"{spec.name}.parquet"
     dio.write_parquet(table, pq_path)
@@ -537,18 +693,31 @@ def _run_reward(plan: StagePlan, specs_todo: list[ShardSpec]) -> list[dict]:
             p = Path(tmp) / f"{s.name}.parquet"
             dio.write_parquet(part, p)
             r = part["reward"].to_numpy()
-            stats = {"reward_sum": float(r.sum()), "reward_min": float(r.min()) if len(r) else None,
-                     "reward_max": float(r.max()) if len(r) else None}
-            markers.append(commit_shard(out, ShardOutput(s.name, {f"data/{s.name}.parquet": str(p)}, rows=part.num_rows,
-                                                         stats=stats), fingerprint=plan.fingerprint,
-                                        seconds=time.perf_counter() - t0))
+            stats = {
+                "reward_sum": float(r.sum()),
+                "reward_min": float(r.min()) if len(r) else None,
+                "reward_max": float(r.max()) if len(r) else None,
+            }
+            markers.append(
+                commit_shard(
+                    out,
+                    ShardOutput(s.name, {f"data/{s.name}.parquet": str(p)}, rows=part.num_rows, stats=stats),
+                    fingerprint=plan.fingerprint,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
     return markers
 
 
 def read_stage_table(stage_dir: Storage, columns: list[str] | None = None) -> pa.Table:
     """Concatenate the Parquet files a finished stage's manifest lists (never a glob of the folder)."""
     m = read_manifest(stage_dir)
-    parts = [dio.read_parquet(stage_dir, rel, columns) for s in m["shards"] for rel in s["files"] if rel.endswith(".parquet")]
+    parts = [
+        dio.read_parquet(stage_dir, rel, columns)
+        for s in m["shards"]
+        for rel in s["files"]
+        if rel.endswith(".parquet")
+    ]
     return pa.concat_tables(parts) if parts else pa.table({})
 
 
@@ -583,16 +752,27 @@ def _run_pairs(plan: StagePlan, specs_todo: list[ShardSpec]) -> list[dict]:
     t0 = time.perf_counter()
     scores = load_scores_table(plan.upstream["reward"]["url"], plan.storage_options)
     scores = scores.filter(pc.is_valid(scores["reward"]))
-    table, stats = build_pairs(scores["sample_id"].to_numpy(zero_copy_only=False), scores["candidate"].to_numpy(),
-                               scores["reward"].to_numpy(), n_top=cfg.n_top, weighting=cfg.weighting)
+    table, stats = build_pairs(
+        scores["sample_id"].to_numpy(zero_copy_only=False),
+        scores["candidate"].to_numpy(),
+        scores["reward"].to_numpy(),
+        n_top=cfg.n_top,
+        weighting=cfg.weighting,
+    )
     out = plan.out
     name = specs_todo[0].name
     with out.local_tmpdir() as tmp:
         p = Path(tmp) / f"{name}.parquet"
         dio.write_parquet(table, p)
         st = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in vars(stats).items()}
-        return [commit_shard(out, ShardOutput(name, {f"data/{name}.parquet": str(p)}, rows=table.num_rows, stats=st),
-                             fingerprint=plan.fingerprint, seconds=time.perf_counter() - t0)]
+        return [
+            commit_shard(
+                out,
+                ShardOutput(name, {f"data/{name}.parquet": str(p)}, rows=table.num_rows, stats=st),
+                fingerprint=plan.fingerprint,
+                seconds=time.perf_counter() - t0,
+            )
+        ]
 
 
 # ---- train -------------------------------------------------------------------------------------------------------------
@@ -625,5 +805,11 @@ def _run_train(plan: StagePlan, specs_todo: list[ShardSpec]) -> list[dict]:
         mp = Path(tmp) / "metrics.parquet"
         dio.write_parquet(result.metrics, mp)
         files["data/metrics.parquet"] = str(mp)
-        return [commit_shard(out, ShardOutput("train", files, rows=result.metrics.num_rows, stats=result.stats),
-                             fingerprint=plan.fingerprint, seconds=time.perf_counter() - t0)]
+        return [
+            commit_shard(
+                out,
+                ShardOutput("train", files, rows=result.metrics.num_rows, stats=result.stats),
+                fingerprint=plan.fingerprint,
+                seconds=time.perf_counter() - t0,
+            )
+        ]

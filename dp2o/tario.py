@@ -23,7 +23,9 @@ PNG_COMPRESS_LEVEL = 3
 def encode_png(img: np.ndarray) -> bytes:
     """img: uint8 [H, W, 3] RGB -> PNG bytes (deterministic)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img), mode="RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(np.ascontiguousarray(img), mode="RGB").save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
     return buf.getvalue()
 
 

@@ -19,8 +19,13 @@ def execute_with_prefect(plan: StagePlan) -> StageResult:
     stages.prepare(plan)
     pending = stages.pending_shards(plan)
     skipped = len(plan.shards) - len(pending)
-    logger.info("%s: %d shard(s) to compute, %d already committed -> %s", plan.stage, len(pending), skipped,
-                plan.out_url)
+    logger.info(
+        "%s: %d shard(s) to compute, %d already committed -> %s",
+        plan.stage,
+        len(pending),
+        skipped,
+        plan.out_url,
+    )
     if plan.single_task:
         if pending:
             run_single_task.submit(plan, pending).result()

@@ -15,9 +15,9 @@ from flows.common import execute_with_prefect
 
 def _stage_subflow(stage: str):
     workers = 2 if stage == "degrade" else 1
-    return flow(name=f"{stage}-stage", task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=True)(
-        execute_with_prefect
-    )
+    return flow(
+        name=f"{stage}-stage", task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=True
+    )(execute_with_prefect)
 
 
 _SUBFLOWS = {s: _stage_subflow(s) for s in ("degrade", "sample", "score", "reward", "pairs", "train")}

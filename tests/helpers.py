@@ -59,12 +59,28 @@ def tiny_model_dir() -> Path:
 def tiny_pipeline_config(root: str, hr: str, **sections) -> PipelineConfig:
     data = {
         "root": root,
-        "degrade": {"input": hr, "crop_size": 96, "crops_per_image": 2, "images_per_shard": 2, "batch_size": 4},
-        "sample": {"backend": {"kind": "tiny", "model": str(tiny_model_dir()), "num_inference_steps": 3}, "num_candidates": 4, "batch_size": 8},
+        "degrade": {
+            "input": hr,
+            "crop_size": 96,
+            "crops_per_image": 2,
+            "images_per_shard": 2,
+            "batch_size": 4,
+        },
+        "sample": {
+            "backend": {"kind": "tiny", "model": str(tiny_model_dir()), "num_inference_steps": 3},
+            "num_candidates": 4,
+            "batch_size": 8,
+        },
         "score": {"metrics": "offline", "batch_size": 4},
         "pairs": {"n_top": 1, "weighting": "hpo"},
-        "train": {"steps": 3, "pairs_per_step": 4, "micro_batch": 4, "learning_rate": 1e-4, "checkpoint_every": 1,
-                  "log_every": 1},
+        "train": {
+            "steps": 3,
+            "pairs_per_step": 4,
+            "micro_batch": 4,
+            "learning_rate": 1e-4,
+            "checkpoint_every": 1,
+            "log_every": 1,
+        },
     }
     for k, v in sections.items():
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v

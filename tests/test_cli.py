@@ -28,12 +28,27 @@ def _scores(path, groups=5, m=8, seed=0):
 def test_pairs_alone_from_any_parquet_file(tmp_path, capsys):
     _scores(tmp_path / "scores.parquet")
     out = tmp_path / "pairs"
-    rc = main(["pairs", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--n-top", "2",
-               "--weighting", "hpo", "--orchestrator", "local"])
+    rc = main(
+        [
+            "pairs",
+            "--scores",
+            str(tmp_path / "scores.parquet"),
+            "--out",
+            str(out),
+            "--n-top",
+            "2",
+            "--weighting",
+            "hpo",
+            "--orchestrator",
+            "local",
+        ]
+    )
     assert rc == 0
     files = sorted((out / "data").glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    assert {"sample_id", "win", "lose", "reward_win", "reward_lose", "w_intra", "w_inter", "weight"} <= set(table.column_names)
+    assert {"sample_id", "win", "lose", "reward_win", "reward_lose", "w_intra", "w_inter", "weight"} <= set(
+        table.column_names
+    )
     assert table.num_rows == 5 * 2 * 2
     assert np.isclose(table["weight"].to_numpy().mean(), 1.0, atol=0.05)
     assert (out / "_MANIFEST.json").exists()
@@ -48,8 +63,24 @@ def test_pairs_alone_from_a_folder_uniform(tmp_path):
     t = t.set_column(0, "sample_id", pa.array([f"b-{s}" for s in t["sample_id"].to_pylist()]))
     pq.write_table(t, tmp_path / "s" / "b.parquet")
     out = tmp_path / "pairs"
-    assert main(["pairs", "--scores", str(tmp_path / "s"), "--out", str(out), "--n-top", "1", "--weighting",
-                 "uniform", "--orchestrator", "local"]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                "--scores",
+                str(tmp_path / "s"),
+                "--out",
+                str(out),
+                "--n-top",
+                "1",
+                "--weighting",
+                "uniform",
+                "--orchestrator",
+                "local",
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(next((out / "data").glob("*.parquet")))
     assert table.num_rows == 4
     assert (table["weight"].to_numpy() == 1.0).all()
@@ -57,7 +88,17 @@ def test_pairs_alone_from_a_folder_uniform(tmp_path):
 
 def test_pairs_missing_reward_column_is_named(tmp_path, capsys):
     pq.write_table(pa.table({"sample_id": ["a"], "candidate": [0]}), tmp_path / "s.parquet")
-    rc = main(["pairs", "--scores", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "o"), "--orchestrator", "local"])
+    rc = main(
+        [
+            "pairs",
+            "--scores",
+            str(tmp_path / "s.parquet"),
+            "--out",
+            str(tmp_path / "o"),
+            "--orchestrator",
+            "local",
+        ]
+    )
     assert rc == 1
     assert "reward" in capsys.readouterr().err
 
@@ -75,7 +116,15 @@ def test_malformed_config_fails_before_work_naming_field(tmp_path, capsys):
 def test_output_folder_of_another_config_is_refused(tmp_path, capsys):
     _scores(tmp_path / "scores.parquet")
     out = tmp_path / "pairs"
-    base = ["pairs", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--orchestrator", "local"]
+    base = [
+        "pairs",
+        "--scores",
+        str(tmp_path / "scores.parquet"),
+        "--out",
+        str(out),
+        "--orchestrator",
+        "local",
+    ]
     assert main([*base, "--n-top", "1"]) == 0
     assert main([*base, "--n-top", "2"]) == 1
     assert "another config" in capsys.readouterr().err
@@ -84,7 +133,9 @@ def test_output_folder_of_another_config_is_refused(tmp_path, capsys):
 def test_inspect_and_verify(tmp_path, capsys):
     _scores(tmp_path / "scores.parquet")
     out = tmp_path / "pairs"
-    main(["pairs", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--orchestrator", "local"])
+    main(
+        ["pairs", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--orchestrator", "local"]
+    )
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert '"stage": "pairs"' in capsys.readouterr().out
@@ -100,7 +151,9 @@ def test_inspect_and_verify(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_script_is_installed():
-    r = subprocess.run([sys.executable, "-m", "dp2o.cli", "--help"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dp2o.cli", "--help"], capture_output=True, text=True, check=True
+    )
     for cmd in ("run", "demo", "degrade", "sample", "score", "reward", "pairs", "train", "inspect", "verify"):
         assert cmd in r.stdout
 
@@ -113,17 +166,61 @@ def test_every_stage_alone_with_explicit_locations(tmp_path):
 
     hr = make_hr_folder(tmp_path / "hr", n=2)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_pipeline_config(str(tmp_path / "unused"), str(hr)).model_dump(mode="json")))
+    cfg.write_text(
+        yaml.safe_dump(tiny_pipeline_config(str(tmp_path / "unused"), str(hr)).model_dump(mode="json"))
+    )
     x = tmp_path / "x"
     common = ["--config", str(cfg), "--orchestrator", "local"]
     assert main(["degrade", "--input", str(hr), "--out", str(x / "degrade"), *common]) == 0
-    assert main(["sample", "--input", str(x / "degrade"), "--out", str(x / "sample"), "--num-candidates", "4", *common]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--input",
+                str(x / "degrade"),
+                "--out",
+                str(x / "sample"),
+                "--num-candidates",
+                "4",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["score", "--input", str(x / "sample"), "--out", str(x / "score"), *common]) == 0
     assert (x / "score-reward" / "_MANIFEST.json").exists()
-    assert main(["reward", "--scores", str(x / "score"), "--out", str(x / "reward-group"),
-                 "--set", "score.reward.normalization=group", *common]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "--scores",
+                str(x / "score"),
+                "--out",
+                str(x / "reward-group"),
+                "--set",
+                "score.reward.normalization=group",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["pairs", "--scores", str(x / "reward-group"), "--out", str(x / "pairs"), *common]) == 0
-    assert main(["train", "--pairs", str(x / "pairs"), "--samples", str(x / "sample"), "--out", str(x / "train"),
-                 "--steps", "2", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--pairs",
+                str(x / "pairs"),
+                "--samples",
+                str(x / "sample"),
+                "--out",
+                str(x / "train"),
+                "--steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert (x / "train" / "data" / "metrics.parquet").exists()
     assert not (tmp_path / "unused").exists()

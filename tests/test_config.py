@@ -69,7 +69,11 @@ def test_crop_must_be_multiple_of_scale():
 
 def test_overrides_parse_yaml_values():
     o = parse_overrides(["sample.num_candidates=8", "pairs.weighting=uniform", "score.metrics=[psnr, ssim]"])
-    assert o == {"sample": {"num_candidates": 8}, "pairs": {"weighting": "uniform"}, "score": {"metrics": ["psnr", "ssim"]}}
+    assert o == {
+        "sample": {"num_candidates": 8},
+        "pairs": {"weighting": "uniform"},
+        "score": {"metrics": ["psnr", "ssim"]},
+    }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["nonsense"])
 

@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from degrade_reference import basicsr_chain_with_params, basicsr_kernel, crops, import_basicsr  # noqa: E402
 
 from dp2o.degrade import DegradationConfig, degrade_batch, ops, sample_params  # noqa: E402
-from dp2o.degrade.kernels import gaussian_1d, opencv_gaussian_sigma  # noqa: E402
-from dp2o.degrade.pipeline import blur, kernel_array  # noqa: E402
+from dp2o.degrade.pipeline import blur, kernel_array, usm_kernel  # noqa: E402
 from dp2o.seeding import derive_seed, torch_generator  # noqa: E402
 
 BS = import_basicsr()
@@ -52,7 +51,7 @@ def test_blur_usm_noise_and_jpeg_match_basicsr(hr, params):
             k = p.first.blur
             ref = BS.filter2D(img, torch.FloatTensor(basicsr_kernel(BS, k))[None])
             assert (blur(img, k) - ref).abs().max() < 1e-5
-        g = torch.from_numpy(gaussian_1d(51, opencv_gaussian_sigma(51)).astype(np.float32))
+        g = usm_kernel(CFG)
         assert (ops.usm_sharpen(img, g, 0.5, 10) - BS.USMSharp()(img)).abs().max() < 1e-5
         d = BS.degradations
         for gray in (False, True):

@@ -21,7 +21,7 @@ from dp2o.degrade import (
 )
 from dp2o.degrade.kernels import gaussian_1d, gaussian_family_kernel, sinc_kernel
 from dp2o.degrade.params import KernelParams
-from dp2o.degrade.pipeline import blur, kernel_array
+from dp2o.degrade.pipeline import kernel_array, usm_kernel
 from dp2o.seeding import torch_generator
 
 CFG = DegradationConfig()
@@ -147,14 +147,26 @@ def test_gaussian_family_kernels_are_normalised_and_point_symmetric(kind):
     assert k.argmax() == 15 * 7 + 7
 
 
-def test_iso_kernel_is_the_outer_product_of_its_1d_factor_and_separable_blur_matches():
+def test_iso_kernel_is_the_outer_product_of_its_1d_factor():
     g = gaussian_1d(13, 1.7)
     np.testing.assert_allclose(
         np.outer(g, g), gaussian_family_kernel("iso", 13, 1.7, 9.0, 1.0, None), atol=1e-15
     )
+
+
+def test_fft_filter_equals_direct_reflect_padded_correlation():
     img = _photo_batch(1).float() / 255
-    full = ops.filter2d(img, torch.from_numpy(np.outer(g, g).astype(np.float32)))
-    assert (blur(img, KernelParams("iso", 13, 1.7, 1.7, 0.0)) - full).abs().max() < 1e-5
+    rng = np.random.default_rng(0)
+    for k in (7, 21, 51):
+        kernel = torch.from_numpy(rng.random((k, k)).astype(np.float32))
+        kernel /= kernel.sum()
+        padded = torch.nn.functional.pad(img[0][:, None], (k // 2,) * 4, mode="reflect")
+        direct = torch.nn.functional.conv2d(padded, kernel[None, None])[:, 0][None]
+        assert (ops.filter2d(img, kernel) - direct).abs().max() < 2e-6
+    # an asymmetric kernel catches a flipped (convolution instead of correlation) implementation
+    shift = torch.zeros(3, 3)
+    shift[1, 2] = 1.0
+    assert torch.allclose(ops.filter2d(img, shift)[..., :-1], img[..., 1:], atol=1e-6)
 
 
 def test_anisotropic_kernel_is_rotated():
@@ -212,7 +224,7 @@ def test_jpeg_error_grows_as_quality_drops_and_keeps_shape():
 def test_usm_sharpens_edges_and_leaves_flat_areas():
     img = torch.full((1, 3, 64, 64), 0.3)
     img[..., 32:] = 0.7
-    g = torch.from_numpy(gaussian_1d(51, 8.0).astype(np.float32))
+    g = usm_kernel(CFG)
     out = ops.usm_sharpen(img, g, 0.5, 10)
     assert out[0, 0, 10, 31] < 0.3 - 0.01 and out[0, 0, 10, 32] > 0.7 + 0.01  # overshoot at the edge
     flat = torch.full((1, 3, 64, 64), 0.4)

@@ -10,5 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_config_reference_is_current():
-    r = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr

@@ -38,11 +38,13 @@ def test_library_never_imports_prefect():
     import subprocess
     import sys
 
-    code = ("import sys, pkgutil, importlib, dp2o\n"
-            "for m in pkgutil.walk_packages(dp2o.__path__, 'dp2o.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
-            "assert not bad, bad[:5]\n")
+    code = (
+        "import sys, pkgutil, importlib, dp2o\n"
+        "for m in pkgutil.walk_packages(dp2o.__path__, 'dp2o.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')]\n"
+        "assert not bad, bad[:5]\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -57,12 +59,33 @@ def test_deployments_are_accepted_by_prefect_deploy(prefect_harness, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     prefect = [sys.executable, "-m", "prefect"]
-    subprocess.run([*prefect, "work-pool", "create", "dp2o-local", "--type", "process"], env=env, cwd=repo,
-                   capture_output=True, check=False)
-    r = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env=env,
-                       cwd=repo, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [*prefect, "work-pool", "create", "dp2o-local", "--type", "process"],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        check=False,
+    )
+    r = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    ls = subprocess.run([*prefect, "deployment", "ls"], env=env, cwd=repo, capture_output=True, text=True, check=True)
-    for name in ("dp2o-pipeline/demo", "dp2o-pipeline/nightly", "degrade/degrade", "sample/sample", "score/score",
-                 "reward/reward", "pairs/pairs", "train/train"):
+    ls = subprocess.run(
+        [*prefect, "deployment", "ls"], env=env, cwd=repo, capture_output=True, text=True, check=True
+    )
+    for name in (
+        "dp2o-pipeline/demo",
+        "dp2o-pipeline/nightly",
+        "degrade/degrade",
+        "sample/sample",
+        "score/score",
+        "reward/reward",
+        "pairs/pairs",
+        "train/train",
+    ):
         assert name in ls.stdout, ls.stdout

@@ -64,7 +64,12 @@ def test_truncated_parquet_is_refused_before_commit(tmp_path):
     import pytest
 
     with pytest.raises(Exception):  # noqa: B017 - pyarrow raises its own ArrowInvalid
-        commit_shard(st, ShardOutput("shard-00000", {"data/shard-00000.parquet": str(bad)}), fingerprint="fp", seconds=0)
+        commit_shard(
+            st,
+            ShardOutput("shard-00000", {"data/shard-00000.parquet": str(bad)}),
+            fingerprint="fp",
+            seconds=0,
+        )
     assert not st.exists("_markers", "shard-00000.json")
 
 

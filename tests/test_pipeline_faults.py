@@ -30,8 +30,13 @@ def _write_cfg(path: Path, cfg) -> Path:
 
 def _run_cli(cfg_path: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dp2o.cli", "run", "--config", str(cfg_path), "--orchestrator",
-                             "local"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dp2o.cli", "run", "--config", str(cfg_path), "--orchestrator", "local"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def test_sigkill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
@@ -98,8 +103,12 @@ def test_bad_inputs_become_error_rows(tmp_path):
     cfg = tiny_pipeline_config(str(tmp_path / "run"), str(hr), degrade={"crops_per_image": 1, "min_size": 96})
     results = run_pipeline(cfg, log=lambda s: None, until="sample")
     table = stages.read_stage_table(Storage(results["degrade"].url))
-    by_source = {Path(s).name: (st, err) for s, st, err in zip(table["source"].to_pylist(), table["status"].to_pylist(),
-                                                               table["error"].to_pylist(), strict=True)}
+    by_source = {
+        Path(s).name: (st, err)
+        for s, st, err in zip(
+            table["source"].to_pylist(), table["status"].to_pylist(), table["error"].to_pylist(), strict=True
+        )
+    }
     for name in ("gray.png", "rgba.png", "photo_00.png", "photo_01.png"):
         assert by_source[name][0] == "ok", by_source[name]
     for name in ("truncated.png", "not_an_image.png", "empty.jpg", "tiny.png"):
@@ -113,6 +122,8 @@ def test_bad_inputs_become_error_rows(tmp_path):
 
 def test_too_many_failures_is_a_clear_stage_error(tmp_path):
     hr = _messy_folder(tmp_path / "hr")
-    cfg = tiny_pipeline_config(str(tmp_path / "run"), str(hr), degrade={"max_failed_fraction": 0.1, "min_size": 96})
+    cfg = tiny_pipeline_config(
+        str(tmp_path / "run"), str(hr), degrade={"max_failed_fraction": 0.1, "min_size": 96}
+    )
     with pytest.raises(stages.StageError, match="max_failed_fraction"):
         run_pipeline(cfg, log=lambda s: None, until="degrade")

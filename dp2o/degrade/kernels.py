@@ -1,9 +1,8 @@
 """Blur kernels of the Real-ESRGAN degradation, as pure functions of explicit parameters.
 
 Kernels are computed in float64 NumPy and normalised to sum 1 (the pipeline casts them to float32, as
-Real-ESRGAN does). Isotropic Gaussian kernels are also offered as one 1-D factor, because a separable
-kernel costs 2k instead of k² multiply-adds per pixel — the main reason the pipeline is faster than
-convolving every kernel zero-padded to 21×21.
+Real-ESRGAN does). Each kernel keeps its own size: Real-ESRGAN zero-pads every kernel to 21×21, which gives
+the same blur (the zero ring multiplies the extra reflect-padded border by 0) at a higher cost.
 """
 
 from __future__ import annotations
@@ -56,7 +55,8 @@ def gaussian_family_kernel(
 
 
 def gaussian_1d(size: int, sigma: float) -> np.ndarray:
-    """The normalised 1-D Gaussian whose outer product with itself is the `iso` kernel of the same sigma."""
+    """The normalised 1-D Gaussian whose outer product with itself is the `iso` kernel of the same sigma
+    (OpenCV's getGaussianKernel for an explicit sigma)."""
     half = size // 2
     x = np.arange(-half, half + 1, dtype=np.float64)
     g = np.exp(-0.5 * (x / sigma) ** 2)

@@ -34,13 +34,19 @@ class BackendConfig(BaseModel):
         None, description="hub id, folder, or .safetensors state dict of the ControlNet (C-SD2 / C-FLUX)"
     )
     num_inference_steps: int | None = Field(None, ge=1, description="sampler steps; None = backend default")
-    guidance_scale: float | None = Field(None, ge=0, description="classifier-free guidance; None = backend default")
-    prompt: str = Field("", description="prompt used for every sample unless a per-sample prompt column exists")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="classifier-free guidance; None = backend default"
+    )
+    prompt: str = Field(
+        "", description="prompt used for every sample unless a per-sample prompt column exists"
+    )
     negative_prompt: str | None = Field(None, description="None = backend default")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float32 on CPU, bfloat16 on GPU"
     )
-    lora_rank: int = Field(0, ge=0, description="0 trains the full ControlNet; >0 trains LoRA adapters of this rank")
+    lora_rank: int = Field(
+        0, ge=0, description="0 trains the full ControlNet; >0 trains LoRA adapters of this rank"
+    )
     device: str = runtime(default="auto", description="auto = cuda if available else cpu")
     gradient_checkpointing: bool = runtime(default=False, description="trade compute for activation memory")
     enable_vae_tiling: bool = runtime(default=False, description="decode large images tile by tile")

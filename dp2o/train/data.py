@@ -27,7 +27,9 @@ class PairImages:
         self._shard_of: dict[str, str] = {}
         manifest = sample_dir.read_json(dio.MANIFEST)
         for s in manifest["shards"]:
-            ids = dio.read_parquet(sample_dir, f"data/{s['name']}.parquet", ["sample_id"])["sample_id"].to_pylist()
+            ids = dio.read_parquet(sample_dir, f"data/{s['name']}.parquet", ["sample_id"])[
+                "sample_id"
+            ].to_pylist()
             for sid in ids:
                 self._shard_of[sid] = s["name"]
         self._readers: dict[tuple[str, str], TarReader] = {}
@@ -52,7 +54,9 @@ class PairImages:
         try:
             return self._shard_of[sample_id]
         except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in the sample stage at {self.sample_dir.url}") from None
+            raise KeyError(
+                f"sample {sample_id!r} is not in the sample stage at {self.sample_dir.url}"
+            ) from None
 
     def candidates(self, sample_ids: Sequence[str], candidates: Sequence[int]) -> torch.Tensor:
         """float [B, 3, H, W] in [0, 1]."""

@@ -39,8 +39,20 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 #: a much smaller beta (≈100–2000), we default to 1000 (ours)
 DEFAULT_BETA = {"epsilon": 5000.0, "v_prediction": 5000.0, "flow": 1000.0}
 
-METRIC_COLUMNS = ("step", "loss", "implicit_acc", "lr", "err_w", "err_l", "err_ref_w", "err_ref_l", "reward_margin",
-                  "weight", "grad_norm", "seconds")
+METRIC_COLUMNS = (
+    "step",
+    "loss",
+    "implicit_acc",
+    "lr",
+    "err_w",
+    "err_l",
+    "err_ref_w",
+    "err_ref_l",
+    "reward_margin",
+    "weight",
+    "grad_norm",
+    "seconds",
+)
 
 
 @dataclass
@@ -94,20 +106,32 @@ def complete_checkpoints(out: Storage) -> list[int]:
     return sorted(steps)
 
 
-def save_checkpoint(out: Storage, step: int, backend: Backend, opt, sched, metrics: list[dict], cfg: TrainConfig) -> None:
+def save_checkpoint(
+    out: Storage, step: int, backend: Backend, opt, sched, metrics: list[dict], cfg: TrainConfig
+) -> None:
     name = checkpoint_name(step)
     with out.local_tmpdir() as tmp:
         tmp = Path(tmp)
         backend.save_trainable(tmp / "model")
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "config": canonical(cfg)}, tmp / "state.pt")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "config": canonical(cfg),
+            },
+            tmp / "state.pt",
+        )
         pq.write_table(pa.Table.from_pylist(metrics), tmp / "metrics.parquet")
         sizes = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = f.relative_to(tmp).as_posix()
             sizes[rel] = f.stat().st_size
             out.put_atomic(f, CHECKPOINTS, name, rel)
-    out.write_json_atomic({"step": step, "files": sizes, "created": dio.now_iso()}, CHECKPOINTS, name, "COMPLETE.json")
+    out.write_json_atomic(
+        {"step": step, "files": sizes, "created": dio.now_iso()}, CHECKPOINTS, name, "COMPLETE.json"
+    )
     for old in complete_checkpoints(out)[: -cfg.keep_last]:
         out.rm(CHECKPOINTS, checkpoint_name(old), recursive=True)
 
@@ -133,8 +157,14 @@ def load_checkpoint(out: Storage, step: int, backend: Backend, opt, sched) -> li
 # ---- the loop --------------------------------------------------------------------------------------------------------
 
 
-def train_dpo(backend: Backend, pairs: pa.Table, images, cfg: TrainConfig, out: Storage,
-              log: Callable[[str], None] = print) -> TrainResult:
+def train_dpo(
+    backend: Backend,
+    pairs: pa.Table,
+    images,
+    cfg: TrainConfig,
+    out: Storage,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
     """Train `backend`'s policy on `pairs` (sample_id, win, lose[, weight]); checkpoints go under `out`.
 
     images: provides `candidates(sample_ids, candidate_ids)` and `lr(sample_ids)` as float [B,3,H,W] in [0, 1]
@@ -142,11 +172,17 @@ def train_dpo(backend: Backend, pairs: pa.Table, images, cfg: TrainConfig, out: 
     """
     n_pairs = pairs.num_rows
     if n_pairs == 0:
-        raise ValueError("train: the pairs table is empty (every group had zero reward spread?); nothing to train on")
+        raise ValueError(
+            "train: the pairs table is empty (every group had zero reward spread?); nothing to train on"
+        )
     sample_ids = np.asarray(pairs["sample_id"].to_pylist(), dtype=object)
     win = pairs["win"].to_numpy()
     lose = pairs["lose"].to_numpy()
-    weight = pairs["weight"].to_numpy().astype(np.float32) if "weight" in pairs.column_names else np.ones(n_pairs, np.float32)
+    weight = (
+        pairs["weight"].to_numpy().astype(np.float32)
+        if "weight" in pairs.column_names
+        else np.ones(n_pairs, np.float32)
+    )
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[backend.prediction_type]
 
     params = [p for p in backend.trainable_parameters() if p.requires_grad]
@@ -190,14 +226,22 @@ def train_dpo(backend: Backend, pairs: pa.Table, images, cfg: TrainConfig, out: 
         row.update(step=step + 1, lr=current_lr, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
         metrics.append({k: row.get(k) for k in METRIC_COLUMNS})
         if step == start or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log(f"train: step {step + 1}/{cfg.steps} loss {row['loss']:.4f} implicit_acc {row['implicit_acc']:.3f} "
-                f"lr {current_lr:.2e} ({row['seconds']:.2f}s)")
+            log(
+                f"train: step {step + 1}/{cfg.steps} loss {row['loss']:.4f} implicit_acc {row['implicit_acc']:.3f} "
+                f"lr {current_lr:.2e} ({row['seconds']:.2f}s)"
+            )
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(out, step + 1, backend, opt, sched, metrics, cfg)
     backend.eval()
     table = pa.Table.from_pylist(metrics) if metrics else pa.table({k: [] for k in METRIC_COLUMNS})
     last = metrics[-1] if metrics else {}
-    stats = {"steps": cfg.steps, "resumed_from": start, "pairs": n_pairs, "beta": beta,
-             "final_loss": last.get("loss"), "final_implicit_acc": last.get("implicit_acc"),
-             "first_loss": metrics[0]["loss"] if metrics else None}
+    stats = {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "pairs": n_pairs,
+        "beta": beta,
+        "final_loss": last.get("loss"),
+        "final_implicit_acc": last.get("implicit_acc"),
+        "first_loss": metrics[0]["loss"] if metrics else None,
+    }
     return TrainResult(table, stats)
