@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="stage folder or .parquet file/URL")
     p.add_argument("--rows", type=int, default=10)
 
+    p = sub.add_parser(
+        "prefetch-metrics",
+        help="download the IQA weights of a preset or metrics into the local caches (run where there is internet)",
+    )
+    p.add_argument("metrics", help="preset (paper, offline) or comma-separated metric names")
+
     p = sub.add_parser("verify", help="re-hash every file a stage folder's markers list")
     p.add_argument("target", help="stage folder")
     return ap
@@ -246,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "verify":
             return _verify(args.target)
+        if args.command == "prefetch-metrics":
+            from dp2o.reward.scoring import prefetch_weights
+
+            names = args.metrics if "," not in args.metrics else [x.strip() for x in args.metrics.split(",")]
+            print(json.dumps(prefetch_weights(names), indent=2))
+            return 0
         if args.command == "demo":
             if args.config is None:
                 args.config = str(DEMO_CONFIG)

@@ -753,7 +753,7 @@ def _run_pairs(plan: StagePlan, specs_todo: list[ShardSpec]) -> list[dict]:
     scores = load_scores_table(plan.upstream["reward"]["url"], plan.storage_options)
     scores = scores.filter(pc.is_valid(scores["reward"]))
     table, stats = build_pairs(
-        scores["sample_id"].to_numpy(zero_copy_only=False),
+        scores["sample_id"],  # Arrow column: 10M strings as a NumPy object array would cost seconds
         scores["candidate"].to_numpy(),
         scores["reward"].to_numpy(),
         n_top=cfg.n_top,
@@ -764,7 +764,7 @@ def _run_pairs(plan: StagePlan, specs_todo: list[ShardSpec]) -> list[dict]:
     with out.local_tmpdir() as tmp:
         p = Path(tmp) / f"{name}.parquet"
         dio.write_parquet(table, p)
-        st = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in vars(stats).items()}
+        st = {k: _json_number(v) for k, v in stats.to_dict().items()}
         return [
             commit_shard(
                 out,
@@ -773,6 +773,15 @@ def _run_pairs(plan: StagePlan, specs_todo: list[ShardSpec]) -> list[dict]:
                 seconds=time.perf_counter() - t0,
             )
         ]
+
+
+def _json_number(v: Any) -> Any:
+    """NumPy scalars as Python numbers; NaN (e.g. mu_sigma when no group yields pairs) as null."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
 
 
 # ---- train -------------------------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def test_fft_filter_equals_direct_reflect_padded_correlation():
         kernel /= kernel.sum()
         padded = torch.nn.functional.pad(img[0][:, None], (k // 2,) * 4, mode="reflect")
         direct = torch.nn.functional.conv2d(padded, kernel[None, None])[:, 0][None]
-        assert (ops.filter2d(img, kernel) - direct).abs().max() < 2e-6
+        assert (ops.filter2d(img, kernel) - direct).abs().max() < 1e-5
     # an asymmetric kernel catches a flipped (convolution instead of correlation) implementation
     shift = torch.zeros(3, 3)
     shift[1, 2] = 1.0
