@@ -62,7 +62,9 @@ def run_pipeline(
     if execute is None:
 
         def execute(plan: StagePlan) -> StageResult:
-            return execute_plan(plan, workers=cfg.workers, log=log)
+            # only degrade shards run in parallel threads: sample and score share one model (and its
+            # scheduler state) per process; use one process per GPU to parallelise them
+            return execute_plan(plan, workers=cfg.workers if plan.stage == "degrade" else 1, log=log)
 
     root, so = cfg.root, cfg.storage_options
     results: dict[str, StageResult] = {}

@@ -14,24 +14,25 @@ from flows.common import execute_with_prefect
 
 
 def _stage_subflow(stage: str):
-    workers = 2 if stage == "degrade" else 1
-    return flow(
-        name=f"{stage}-stage", task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=True
-    )(execute_with_prefect)
+    return flow(name=f"{stage}-stage", log_prints=True)(execute_with_prefect)
 
 
 _SUBFLOWS = {s: _stage_subflow(s) for s in ("degrade", "sample", "score", "reward", "pairs", "train")}
-
-
-def _execute(plan: StagePlan) -> StageResult:
-    return _SUBFLOWS[plan.stage](plan)
+#: stages whose shards may run in parallel threads; sample and score share one model per process
+_PARALLEL = ("degrade",)
 
 
 @flow(name="dp2o-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig, until: str | None = None) -> str:
     """Run every stage under config.root; committed shards are skipped. Returns the one-screen summary."""
     t0 = time.perf_counter()
-    results = run_pipeline(config, _execute, until=until)
+
+    def execute(plan: StagePlan) -> StageResult:
+        workers = config.workers if plan.stage in _PARALLEL else 1
+        runner = ThreadPoolTaskRunner(max_workers=workers)
+        return _SUBFLOWS[plan.stage].with_options(task_runner=runner)(plan)
+
+    results = run_pipeline(config, execute, until=until)
     text = summary(results, time.perf_counter() - t0)
     print(text)
     return text
