@@ -201,10 +201,13 @@ def main(argv=None) -> dict:
     try:
         import diffusers
     except ImportError as exc:
-        raise SystemExit(
+        # exit code 3 (not 1) lets a wrapper retry with another --vendor folder without rerunning failures
+        print(
             f"cannot import diffusers ({exc}); pass --vendor DIR with a `pip install --target DIR` of diffusers "
-            "(and, if the error names huggingface_hub, a newer huggingface_hub in a second --vendor folder)"
-        ) from exc
+            "(and, if the error names huggingface_hub, a newer huggingface_hub in a second --vendor folder)",
+            file=sys.stderr,
+        )
+        sys.exit(3)
 
     result = {
         "benchmark": "sample_gpu",
@@ -216,20 +219,33 @@ def main(argv=None) -> dict:
         "rows_per_batch": args.n_lr * args.n_seeds,
     }
     started = time.perf_counter()
-    sections = [] if args.skip_sd2 else [("sd2", lambda: bench_sd2(args, device, steps, lr_size))]
+    sections = (
+        []
+        if args.skip_sd2
+        else [("sd2", lambda out, save: bench_sd2(args, device, steps, lr_size, out, save))]
+    )
     if not args.skip_flux:
-        sections.append(("flux", lambda: bench_flux(args, device, max(1, steps // 2), lr_size)))
+        flux_steps = max(1, steps // 2)
+        sections.append(("flux", lambda out, save: bench_flux(args, device, flux_steps, lr_size, out, save)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name, run in sections:
-        # one failing section (e.g. out of memory) must not lose the other's numbers; the JSON is rewritten
-        # after each section so a run cut short by a time limit still leaves what it measured
-        try:
-            result[name] = run()
-        except Exception as exc:
-            traceback.print_exc()
-            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    def save() -> None:
+        # rewritten after every measurement, so a run cut short by a time limit still leaves what it measured
         result["total_seconds"] = round(time.perf_counter() - started, 1)
         args.out.write_text(json.dumps(result, indent=2))
+
+    if args.compile and not args.skip_sd2:
+        sections.append(
+            ("sd2", lambda out, save: bench_sd2_compiled(args, device, steps, lr_size, out, save))
+        )
+    for name, run in sections:
+        result.setdefault(name, {})
+        try:  # one failing section (e.g. out of memory) must not lose the other's numbers
+            run(result[name], save)
+        except Exception as exc:
+            traceback.print_exc()
+            result[name]["error"] = f"{type(exc).__name__}: {exc}"
+        save()
     print(json.dumps(result, indent=2))
     failed = [name for name, _ in sections if "error" in result[name]]
     if failed:
@@ -319,24 +335,17 @@ def lr_batch(args, lr_size, device):
 
 
 # ---- C-SD2 -----------------------------------------------------------------------------------------------
-def bench_sd2(args, device, steps: int, lr_size: int) -> dict:
+def sd2_configs(args) -> tuple[dict, dict, dict]:
+    return (TINY_UNET, TINY_VAE, TINY_TEXT) if args.quick else (SD2_UNET, SD2_VAE, SD2_TEXT)
+
+
+def sd2_components(args, device) -> dict:
+    """Randomly initialised SD2-base UNet, ControlNet (from the UNet), VAE and text encoder, on `device`."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        ControlNetModel,
-        DDPMScheduler,
-        StableDiffusionControlNetPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dp2o.models._hf_common import upsample
-    from dp2o.models.config import BackendConfig
-    from dp2o.models.sd2_controlnet import DEFAULT_GUIDANCE, SD2ControlNetBackend
-
-    unet_cfg, vae_cfg, text_cfg = (
-        (TINY_UNET, TINY_VAE, TINY_TEXT) if args.quick else (SD2_UNET, SD2_VAE, SD2_TEXT)
-    )
+    unet_cfg, vae_cfg, text_cfg = sd2_configs(args)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_cfg).eval()
@@ -344,14 +353,58 @@ def bench_sd2(args, device, steps: int, lr_size: int) -> dict:
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embed_channels)
         vae = AutoencoderKL(**vae_cfg).eval()
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval()
-    tokenizer = clip_tokenizer()
+    return {
+        "unet": unet,
+        "controlnet": controlnet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": clip_tokenizer(),
+    }
+
+
+def sd2_backend(parts: dict, device, steps: int, dtype: str, **options):
+    """Our C-SD2 backend around already-built components (what `from_config` does after loading)."""
+    from diffusers import DDPMScheduler
+
+    from dp2o.models.config import BackendConfig
+    from dp2o.models.sd2_controlnet import SD2ControlNetBackend
+
+    cfg = BackendConfig(
+        kind="sd2-controlnet", device=str(device), dtype=dtype, num_inference_steps=steps, **options
+    )
+    return SD2ControlNetBackend(**parts, scheduler=DDPMScheduler.from_config(SD2_SCHEDULER), cfg=cfg)
+
+
+def time_ours(b, rows, seeds, steps: int, flops_per_candidate: float, device) -> tuple[dict, object]:
+    """Warm up at the timed batch shape (compiles when `compile` is set), then time one full sample call."""
+    b.num_inference_steps = 2
+    b.sample(rows, seeds)
+    b.num_inference_steps = steps
+    reset_peak(device)
+    seconds, images = timed(lambda: b.sample(rows, seeds), device)
+    return summary(seconds, rows.shape[0], flops_per_candidate, device), images
+
+
+def bench_sd2(args, device, steps: int, lr_size: int, out: dict, save) -> None:
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionControlNetPipeline
+
+    from dp2o.models._hf_common import upsample
+    from dp2o.models.sd2_controlnet import DEFAULT_GUIDANCE
+
+    unet_cfg, vae_cfg, text_cfg = sd2_configs(args)
+    parts = sd2_components(args, device)
+    unet, controlnet, vae, text_encoder, tokenizer = (
+        parts[k] for k in ("unet", "controlnet", "vae", "text_encoder", "tokenizer")
+    )
     params = {
         n: sum(p.numel() for p in m.parameters()) for n, m in (("unet", unet), ("controlnet", controlnet))
     }
     rows, seeds = lr_batch(args, lr_size, device)
-    out = {"steps": steps, "guidance": DEFAULT_GUIDANCE, "scheduler": "DDPM", "params": params}
+    out.update(steps=steps, guidance=DEFAULT_GUIDANCE, scheduler="DDPM", params=params)
 
-    base_dtype = torch.float32 if args.quick else torch.float16
+    # half precision only where it is fast: fp16 (baseline) / bf16 (ours) on the GPU, float32 on the CPU
+    base_dtype = torch.float16 if device.type == "cuda" else torch.float32
     for m in (unet, controlnet, vae, text_encoder):
         m.to(base_dtype)
     # one row-forward of ControlNet + UNet; a guided step runs it on 2 rows
@@ -407,48 +460,31 @@ def bench_sd2(args, device, steps: int, lr_size: int) -> dict:
     n = min(args.baseline_images, rows.shape[0])
     seconds, _ = timed(lambda: [pipe_call(i, steps) for i in range(n)], device)
     out["pipeline_loop"] = {"dtype": str(base_dtype), **summary(seconds, n, flops_per_candidate, device)}
+    save()
 
     # ours: every row in one batched loop, bf16, default backend settings
-    ours_dtype = "float32" if args.quick else "bfloat16"
+    ours_dtype = "bfloat16" if device.type == "cuda" else "float32"
     for m in (unet, controlnet, vae, text_encoder):
         m.to(getattr(torch, ours_dtype))
 
-    def backend(compile_: bool = False, **options) -> SD2ControlNetBackend:
-        cfg = BackendConfig(
-            kind="sd2-controlnet",
-            device=str(device),
-            dtype=ours_dtype,
-            num_inference_steps=steps,
-            compile=compile_,
-            **options,
-        )
-        return SD2ControlNetBackend(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=DDPMScheduler.from_config(SD2_SCHEDULER),
-            cfg=cfg,
-        )
+    def backend(**options):
+        return sd2_backend(parts, device, steps, ours_dtype, **options)
 
-    def run_ours(b: SD2ControlNetBackend) -> tuple[dict, object]:
-        b.num_inference_steps = 2
-        b.sample(rows, seeds)  # warm-up at the timed batch shape (compiles when `compile` is set)
-        b.num_inference_steps = steps
-        reset_peak(device)
-        seconds, images = timed(lambda: b.sample(rows, seeds), device)
-        return summary(seconds, rows.shape[0], flops_per_candidate, device), images
+    def run_ours(b):
+        return time_ours(b, rows, seeds, steps, flops_per_candidate, device)
 
-    b = backend(False)
+    b = backend()
     out["ours"], images = run_ours(b)
     out["ours"]["dtype"] = ours_dtype
     out["ours"]["memory_format"] = "channels_last" if device.type == "cuda" else "contiguous"
+    score(out)
+    save()
     # a candidate regenerated alone must match its batched twin (bf16 tolerance on GPU)
     k = rows.shape[0] - 1
     alone = b.sample(rows[k : k + 1], seeds[k : k + 1])
     out["regenerated_alone_max_abs_diff"] = round(float((alone - images[k : k + 1]).abs().max()), 5)
     out["batch_sweep"] = batch_sweep(b, lr_size, steps, (1, 2, 4) if args.quick else (4, 16, 32), device)
+    save()
     if device.type == "cuda":
         # same backend with NCHW-contiguous modules: shows what channels_last buys
         for m in (unet, controlnet, vae):
@@ -456,10 +492,34 @@ def bench_sd2(args, device, steps: int, lr_size: int) -> dict:
         out["ours_contiguous"], _ = run_ours(b)
         for m in (unet, controlnet, vae):
             m.to(memory_format=torch.channels_last)
-    if args.compile:
-        out["ours_compiled"], _ = run_ours(backend(True))
+        save()
+    # last, because offloading moves the shared modules to the CPU; on the CPU (--quick) it is a no-op,
+    # but the code path runs
+    out["memory_options"] = memory_options_check(backend, rows[:2], seeds[:2], device)
+
+
+def bench_sd2_compiled(args, device, steps: int, lr_size: int, out: dict, save) -> None:
+    """torch.compile variant of our C-SD2 sampler on fresh modules (the eager section offloaded its own);
+    run last so that a slow compile cannot cost the other measurements."""
+    import torch
+
+    parts = sd2_components(args, device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    for name in ("unet", "controlnet", "vae", "text_encoder"):
+        parts[name].to(getattr(torch, dtype))
+    rows, seeds = lr_batch(args, lr_size, device)
+    started = time.perf_counter()
+    b = sd2_backend(parts, device, steps, dtype, compile=True)
+    out["ours_compiled"], _ = time_ours(b, rows, seeds, steps, out["tflop_per_candidate"] * 1e12, device)
+    out["ours_compiled"]["seconds_including_compile"] = round(time.perf_counter() - started, 1)
+    score(out)
+    save()
+
+
+def score(out: dict) -> None:
+    """Speedup of the fastest `ours*` variant over the pipeline loop, and the C-SD2 goals."""
     best = min(
-        (v for k_, v in out.items() if k_.startswith("ours") and isinstance(v, dict)),
+        (v for k, v in out.items() if k.startswith("ours") and isinstance(v, dict)),
         key=lambda v: v["s_per_candidate"],
     )
     out["speedup_vs_pipeline_loop"] = round(
@@ -470,9 +530,6 @@ def bench_sd2(args, device, steps: int, lr_size: int) -> dict:
         "s_per_candidate_le_0.15": best["s_per_candidate"] <= 0.15,
         "note": "goals apply at 512 px, 50 steps, CFG on a real GPU (not --quick)",
     }
-    # on the CPU (--quick) cpu_offload is a no-op, but the code path runs
-    out["memory_options"] = memory_options_check(backend, rows[:2], seeds[:2], device)
-    return out
 
 
 def batch_sweep(b, lr_size: int, steps: int, sizes, device) -> list[dict]:
@@ -535,7 +592,7 @@ def memory_options_check(make_backend, rows, seeds, device) -> dict:
 
 
 # ---- C-FLUX ----------------------------------------------------------------------------------------------
-def bench_flux(args, device, steps: int, lr_size: int) -> dict:
+def bench_flux(args, device, steps: int, lr_size: int, out: dict, save) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -555,7 +612,7 @@ def bench_flux(args, device, steps: int, lr_size: int) -> dict:
     layers = args.flux_layers or (1 if quick else 19)
     single_layers = args.flux_single_layers if args.flux_single_layers is not None else (1 if quick else 38)
     t_cfg.update(num_layers=layers, num_single_layers=single_layers)
-    dtype = torch.float32 if quick else torch.bfloat16
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     # built directly in bf16 on the GPU: 12B parameters in fp32 would need 48 GiB before the cast
     torch.set_default_dtype(dtype)
@@ -583,18 +640,20 @@ def bench_flux(args, device, steps: int, lr_size: int) -> dict:
     }
     controlnet.to(dtype)
     rows, seeds = lr_batch(args, lr_size, device)
-    out = {
-        "steps": steps,
-        "guidance": DEFAULT_GUIDANCE,
-        "double_blocks": layers,
-        "single_blocks": single_layers,
-        "controlnet_double_blocks": DEFAULT_CONTROLNET_LAYERS,
-        "note": "real FLUX widths; FLUX.1-dev has 19 double + 38 single blocks; 1-layer T5/CLIP (cached)",
-        "params": {
-            "transformer": sum(p.numel() for p in transformer.parameters()),
-            "controlnet": sum(p.numel() for p in controlnet.parameters()),
-        },
-    }
+    out.update(
+        {
+            "steps": steps,
+            "guidance": DEFAULT_GUIDANCE,
+            "double_blocks": layers,
+            "single_blocks": single_layers,
+            "controlnet_double_blocks": DEFAULT_CONTROLNET_LAYERS,
+            "note": "real FLUX widths; FLUX.1-dev has 19 double + 38 single blocks; 1-layer T5/CLIP (cached)",
+            "params": {
+                "transformer": sum(p.numel() for p in transformer.parameters()),
+                "controlnet": sum(p.numel() for p in controlnet.parameters()),
+            },
+        }
+    )
     pipe = FluxControlNetPipeline(
         controlnet=controlnet, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), **components
     )
@@ -645,6 +704,7 @@ def bench_flux(args, device, steps: int, lr_size: int) -> dict:
     n = min(args.baseline_images, rows.shape[0])
     seconds, _ = timed(lambda: [pipe_call(i, steps) for i in range(n)], device)
     out["pipeline_loop"] = {"dtype": str(dtype), **summary(seconds, n, flops_per_candidate, device)}
+    save()
 
     b.num_inference_steps = 2
     b.sample(rows, seeds)
@@ -658,7 +718,6 @@ def bench_flux(args, device, steps: int, lr_size: int) -> dict:
     out["speedup_vs_pipeline_loop"] = round(
         out["pipeline_loop"]["s_per_candidate"] / out["ours"]["s_per_candidate"], 2
     )
-    return out
 
 
 if __name__ == "__main__":

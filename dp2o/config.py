@@ -56,10 +56,18 @@ class DegradeConfig(_Frozen):
     device: str = runtime(default="cpu", description="torch device for the degradation ops")
 
     @model_validator(mode="after")
-    def _crop_multiple_of_scale(self):
+    def _crop_fits_chain(self):
+        from dp2o.degrade.pipeline import min_hr_side
+
         if self.crop_size % self.degradation.scale:
             raise ValueError(
                 f"crop_size={self.crop_size} must be a multiple of degradation.scale={self.degradation.scale}"
+            )
+        smallest = min_hr_side(self.degradation)
+        if self.crop_size < smallest:
+            raise ValueError(
+                f"crop_size={self.crop_size} is too small for this degradation chain (its resizes and blur "
+                f"kernels need HR crops of at least {smallest} px)"
             )
         return self
 

@@ -497,7 +497,7 @@ def _run_degrade(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
         {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
         rows=len(rows),
         errors=errors,
-        stats={"samples_ok": len(rows) - errors, "sources": len(spec.inputs)},
+        stats={"samples_ok": len(rows) - errors, "sources": len(spec.inputs), "device": cfg.device},
     )
 
 

@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     # The base model's training candidates and raw scores do not depend on the DPO settings: caching them
     # lets tuning runs (--split train-val, other lr/beta/steps) and reruns skip the slowest shared step.
     key = {k: getattr(args, k) for k in ("train_inputs", "m", "crop", "num_inference_steps", "seed")}
+    key["residual_clip"] = base.residual_clip
     key["weights"] = hashlib.sha256(Path(model_dir, "unet", UNET_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
     cache = (
         args.work_dir

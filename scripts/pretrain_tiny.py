@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip training; compare the model in --out with bicubic upsampling on held-out crops",
     )
     p.add_argument(
-        "--verify-inputs", type=int, default=16, help="held-out crops for the comparison with bicubic"
+        "--verify-inputs", type=int, default=8, help="held-out crops for the comparison with bicubic"
     )
     p.add_argument("--verify-seeds", type=int, default=4, help="candidates (seeds) per held-out crop")
     p.add_argument("--verify-crop", type=int, default=128, help="HR side of the held-out crops")
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     backend.unet.load_state_dict(ema.state_dict())
     backend.num_inference_steps = DEFAULT_NUM_INFERENCE_STEPS
     backend.save_pretrained(args.out, half_precision=args.half)
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # paths are left out: they are machine-specific and the folder itself says where it is
+    record = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
     record.update(final_loss=float(np.mean(losses[-args.log_every :])), seconds=round(time.time() - start, 1))
     (Path(args.out) / "pretrain_args.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out} in {record['seconds']} s")

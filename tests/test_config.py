@@ -83,3 +83,8 @@ def test_demo_config_is_valid():
 
     cfg = load_config(PipelineConfig, DEMO_CONFIG)
     assert cfg.sample.backend.kind == "tiny"
+
+
+def test_crop_too_small_for_the_chain_is_rejected_up_front():
+    with pytest.raises(ValueError, match="too small"):
+        DegradeConfig(crop_size=64)

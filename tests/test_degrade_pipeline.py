@@ -249,3 +249,13 @@ def test_poisson_field_is_robust_to_a_last_bit_change_of_one_rate():
     a = ops.add_poisson_noise(x, 1.0, False, torch_generator(4))
     b = ops.add_poisson_noise(y, 1.0, False, torch_generator(4))
     assert int((a != b).sum()) <= 1
+
+
+def test_threads_running_concurrently_give_the_same_bytes():
+    from concurrent.futures import ThreadPoolExecutor
+
+    hr, params = _photo_batch(2), _varied_params(2)
+    _, serial = degrade_batch(hr, params, CFG)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outs = list(pool.map(lambda i: degrade_batch(hr[i : i + 1], params[i : i + 1], CFG)[1], [0, 1, 0, 1]))
+    assert all(torch.equal(out[0], serial[i % 2]) for i, out in enumerate(outs))

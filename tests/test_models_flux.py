@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_models_common import tiny_flux_folder
+
+from tests.test_models_common import tiny_flux_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -30,7 +30,9 @@ SMALL_UNET = {
 @pytest.fixture(scope="module")
 def saved_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    TinyBackend.from_random(seed=3, unet_config=SMALL_UNET, num_inference_steps=3).save_pretrained(folder)
+    model = TinyBackend.from_random(seed=3, unet_config=SMALL_UNET, num_inference_steps=3)
+    model.residual_clip = 0.5
+    model.save_pretrained(folder)
     return folder
 
 
@@ -50,6 +52,7 @@ def test_round_trip_through_build_backend_keeps_weights_and_steps(saved_folder, 
     ):
         assert torch.equal(a, b), name
     assert backend.num_inference_steps == 3
+    assert backend.residual_clip == 0.5 and backend.sampler.config.clip_sample_range == 0.5
     overridden = build_backend(BackendConfig(kind="tiny", model=str(saved_folder), num_inference_steps=5))
     assert overridden.num_inference_steps == 5
 

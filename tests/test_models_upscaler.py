@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from test_models_common import tiny_upscaler_folder
+
+from tests.test_models_common import tiny_upscaler_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
-import warnings
 from dataclasses import dataclass
 
 import fsspec
@@ -212,21 +211,21 @@ def load_hr(
     data = _read_bytes(ref, storage_options)
     if not data:
         raise ImageRejected(source=name, reason="empty file (0 bytes)")
+    # Pillow warns (DecompressionBombWarning) for images between its own limits; we do not silence that with
+    # warnings.catch_warnings, which is not thread-safe and degrade shards run in threads.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageRejected(
-                    source=name,
-                    reason=f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (decompression bomb?)",
-                )
-            if _is_deep_colour(im):
-                rgb = _decode_deep_colour(data, im, name)
-            else:
-                im.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(im), name)
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageRejected(
+                source=name,
+                reason=f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (decompression bomb?)",
+            )
+        if _is_deep_colour(im):
+            rgb = _decode_deep_colour(data, im, name)
+        else:
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im), name)
     except Image.DecompressionBombError as e:
         raise ImageRejected(source=name, reason=f"decompression bomb: {e}") from e
     except UnidentifiedImageError as e:

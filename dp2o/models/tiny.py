@@ -8,7 +8,8 @@ DDIM with eta=0, so a candidate is a deterministic function of its LR and its se
 The design choice a reader would miss: the diffusion runs on the *residual* `hr − bicubic(lr)` (in [-1, 1]
 units), not on the HR pixels. A model this small, pretrained for minutes on a CPU, cannot afford to learn to
 reproduce the low frequencies it is given; on the residual it spends all its capacity on the detail that
-makes candidates differ. Outputs are `clamp(bicubic(lr) + residual)`.
+makes candidates differ. Outputs are `clamp(bicubic(lr) + residual)`, and the sampler clips its x₀ (residual)
+estimate to ±`residual_clip` at every step (see `__init__` for why).
 
 Sizes: the UNet halves the resolution `len(block_out_channels) − 1` times, so the HR size must be a multiple
 of that factor. Other sizes are reflect-padded on the bottom/right before denoising and cropped afterwards;
@@ -34,6 +35,8 @@ from dp2o.models.config import BackendConfig
 TINY_META_FILE = "tiny_sr.json"
 UNET_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 DEFAULT_NUM_INFERENCE_STEPS = 20
+#: bound on the predicted residual at every DDIM step, in [-1, 1] units (0.25 ≈ 32/255 per pixel)
+DEFAULT_RESIDUAL_CLIP = 0.25
 NUM_TRAIN_TIMESTEPS = 1000
 
 #: the architecture of the bundled weights: ~3.1 M parameters, attention only at 1/8 resolution
@@ -76,6 +79,7 @@ class TinyBackend(Backend):
         unet: UNet2DModel,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         device: str | torch.device = "cpu",
+        residual_clip: float = DEFAULT_RESIDUAL_CLIP,
     ):
         if unet.config.in_channels != 6 or unet.config.out_channels != 3:
             raise BackendError(
@@ -86,13 +90,20 @@ class TinyBackend(Backend):
         self.unet = unet.to(self._device)
         self.reference = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.num_inference_steps = int(num_inference_steps)
+        self.residual_clip = float(residual_clip)
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type="epsilon"
         )
         # "trailing" spacing makes the first DDIM step start at t=999, where the training distribution is
         # pure noise; the default "leading" spacing would start at a partly-clean timestep it never sees.
+        # Clipping the predicted residual matters: at t≈999 the x₀ estimate divides the ε error by
+        # sqrt(ᾱ) ≈ 0.006, and unclipped, those errors become whole-image colour casts that later steps keep.
         self.sampler = DDIMScheduler.from_config(
-            self.noise_scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+            self.noise_scheduler.config,
+            timestep_spacing="trailing",
+            clip_sample=True,
+            clip_sample_range=self.residual_clip,
+            set_alpha_to_one=True,
         )
         self.factor = 2 ** (len(unet.config.block_out_channels) - 1)
 
@@ -142,8 +153,12 @@ class TinyBackend(Backend):
                 f"to a folder written by TinyBackend.save_pretrained or scripts/pretrain_tiny.py (it holds "
                 f"unet/config.json and unet/{UNET_WEIGHTS_FILE}), or leave it unset for the bundled weights."
             ) from exc
-        steps = meta.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
-        return cls(unet, num_inference_steps=steps, device=device)
+        return cls(
+            unet,
+            num_inference_steps=meta.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS),
+            device=device,
+            residual_clip=meta.get("residual_clip", DEFAULT_RESIDUAL_CLIP),
+        )
 
     def save_pretrained(self, folder: str | Path, half_precision: bool = False) -> None:
         """Write the policy as a diffusers folder (`unet/` + `tiny_sr.json`) that `from_pretrained` loads.
@@ -162,6 +177,7 @@ class TinyBackend(Backend):
             "scale": self.scale,
             "working_space": "residual over bicubic upsampling, [-1, 1] units",
             "num_inference_steps": self.num_inference_steps,
+            "residual_clip": self.residual_clip,
             "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
         }
         (folder / TINY_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -216,7 +232,8 @@ class TinyBackend(Backend):
         noise = torch.stack(
             [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         ).to(self._device)
-        sampler = copy.deepcopy(self.sampler)
+        # a fresh scheduler per call: its step state is mutable, and residual_clip may have been changed
+        sampler = DDIMScheduler.from_config(self.sampler.config, clip_sample_range=self.residual_clip)
         sampler.set_timesteps(self.num_inference_steps, device=self._device)
         x = noise
         for t in sampler.timesteps:
