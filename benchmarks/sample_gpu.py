@@ -275,25 +275,36 @@ def peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
 
 
-def clip_tokenizer():
-    """A CLIP BPE tokenizer built in memory (ids < 1000): prompt content does not change sampling cost."""
-    from transformers import CLIPTokenizer
+def word_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, unk: str, max_length: int):
+    """A word-level fast tokenizer built in memory with the `tokenizers` library (ids < 64).
 
-    letters = sorted(set("abcdefghijklmnopqrstuvwxyz,"))
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for c in letters:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="!")
+    Prompt content does not change sampling cost (prompts are padded to a fixed length), and this builds the
+    same way under transformers 4 and 5, which differ in how CLIP/T5 tokenizers take an in-memory vocabulary.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [*specials, *"abcdefghijklmnopqrstuvwxyz,", *NEGATIVE.replace(",", "").split()]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}" if bos else f"$A {eos}",
+        special_tokens=[(t, vocab[t]) for t in (bos, eos) if t],
+    )
+    names = {"eos_token": eos, "pad_token": pad, "unk_token": unk, **({"bos_token": bos} if bos else {})}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **names)
+
+
+def clip_tokenizer():
+    # ids as in SD2's CLIP config: bos 0, pad 1, eos 2
+    specials = ["<|startoftext|>", "!", "<|endoftext|>"]
+    return word_tokenizer(specials, bos=specials[0], eos=specials[2], pad="!", unk=specials[2], max_length=77)
 
 
 def t5_tokenizer():
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
-        (c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz,"
-    ]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+    specials = ["<pad>", "</s>", "<unk>"]
+    return word_tokenizer(specials, bos=None, eos="</s>", pad="<pad>", unk="<unk>", max_length=512)
 
 
 def timed(fn, device) -> tuple[float, object]:

@@ -345,6 +345,12 @@ class DiffusersBackend(Backend):
         return self._dtype
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The policy's trainable weights, in float32 from this call on (the reference keeps the load dtype).
+
+        Upcasting here rather than in `train()` matters: an optimiser built over these parameters, or an
+        optimiser state loaded into them on resume, must see the dtype the updates will run in.
+        """
+        self._trainable.upcast()
         return self._trainable.parameters()
 
     def save_trainable(self, folder: str | Path) -> None:
