@@ -22,7 +22,7 @@ from dp2o.models.config import BackendConfig, runtime
 from dp2o.reward.hybrid import RewardConfig
 
 #: bump a stage's version when its code changes what it writes; old outputs then stay, new ones get new folders
-STAGE_VERSIONS: dict[str, int] = {"degrade": 1, "sample": 1, "score": 1, "reward": 1, "pairs": 1, "train": 1}
+STAGE_VERSIONS: dict[str, int] = {"degrade": 2, "sample": 1, "score": 1, "reward": 1, "pairs": 1, "train": 1}
 
 
 class ConfigError(ValueError):

@@ -151,3 +151,18 @@ def test_one_knob_does_not_reshuffle_the_other_draws():
     b = [sample_params(DegradationConfig(second_order_prob=0.3), s) for s in range(20)]
     assert [p.first for p in a] == [p.first for p in b]
     assert any(p.second is None for p in b)
+
+
+def test_parameters_do_not_depend_on_the_key_order_of_probability_tables():
+    # a config read back from YAML has its keys sorted; its fingerprint equals the original's, so its draws must too
+    from dp2o.degrade.config import DegradationConfig
+    from dp2o.degrade.params import sample_params
+
+    cfg = DegradationConfig()
+    data = cfg.model_dump()
+    for rnd in ("first", "second"):
+        data[rnd]["kernel_probs"] = dict(reversed(list(data[rnd]["kernel_probs"].items())))
+        data[rnd]["resize_probs"] = dict(reversed(list(data[rnd]["resize_probs"].items())))
+    shuffled = DegradationConfig.model_validate(data)
+    for seed in range(50):
+        assert sample_params(cfg, seed).to_row() == sample_params(shuffled, seed).to_row()

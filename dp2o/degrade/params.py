@@ -147,7 +147,9 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
 
 
 def _choice(rng: np.random.Generator, weights: Mapping[str, float]) -> str:
-    names = list(weights)
+    # sorted, not insertion order: a config read from YAML (keys sorted) and the same config built in Python
+    # have equal fingerprints, so they must draw the same parameters
+    names = sorted(weights)
     p = np.array([weights[n] for n in names], dtype=np.float64)
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
