@@ -42,7 +42,11 @@ def main() -> int:
     from dp2o.train.loop import share_noise
     from dp2o.train.losses import dpo_loss
 
-    res: dict = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+    res: dict = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.is_available(),
+    }
     if not torch.cuda.is_available():
         print("no CUDA device; nothing to check")
         Path(args.out).write_text(json.dumps(res, indent=2))
