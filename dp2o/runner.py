@@ -118,12 +118,13 @@ def summary(results: dict[str, StageResult], wall_seconds: float | None = None) 
         )
     if "train" in results:
         st = results["train"].manifest["stats"]
-        fl, fa = st.get("final_loss"), st.get("final_implicit_acc")
-        first = st.get("first_loss")
+        w = st.get("window", 1)
         lines.append(
-            f"train:   {st.get('steps')} steps, loss {first:.4f} -> {fl:.4f}, implicit acc {fa:.3f}, "
-            f"model at {results['train'].url}/model"
+            f"train:   {st.get('steps')} steps; loss {st.get('loss_first_window'):.4f} -> "
+            f"{st.get('loss_last_window'):.4f}, implicit acc {st.get('implicit_acc_last_window'):.3f} "
+            f"(means of the first/last {w} steps)"
         )
+        lines.append(f"         tuned model: {results['train'].url}/model")
     lines.append("(shards column: computed + already-committed (c); committed shards are never recomputed)")
     if wall_seconds is not None:
         lines.append(f"wall time: {wall_seconds:.1f}s")

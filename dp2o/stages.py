@@ -337,7 +337,7 @@ def prepare(plan: StagePlan) -> None:
             )
     else:
         out.write_json_atomic(resolved, "config.json")
-    if plan.stage == "score":
+    if plan.stage == "score" and pending_shards(plan):
         _scorer(plan.config)  # loads every metric now: missing weights fail before any image is read
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from dp2o.degrade.config import DegradationConfig
@@ -46,14 +47,14 @@ from dp2o.pairs.build import build_pairs
 from dp2o.seeding import derive_seed
 
 PRESETS: dict[str, dict] = {
-    # the shipped configuration: ≈ 60 min on the shared 2-core CPU with 1 thread (about 3 min per trained run)
+    # the shipped configuration: ≈ 45 min on the shared 2-core CPU with 1 thread (about 3 min per trained run)
     "full": {
         "train_inputs": 24,
         "eval_inputs": 12,
         "m": 16,
         "m_eval": 8,
         "seeds": 3,
-        "steps": 30,
+        "steps": 100,
         "pairs_per_step": 8,
     },
     # a plumbing check; its numbers say nothing
@@ -127,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate on held-out photos, or on unseen crops of the training photos (for tuning)",
     )
     p.add_argument("--seed", type=int, default=0, help="global seed of crops, degradations and sampling")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only build the report from the --plot-dir folders of invocations that ran disjoint --only sets",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument(
         "--work-dir", type=Path, default=Path("runs/mini_repro"), help="scratch folder (checkpoints)"
@@ -227,7 +235,7 @@ def train_one(
     from dp2o.io import Storage
     from dp2o.train.loop import train_dpo
 
-    sub = rewards.filter(pa.compute.less(rewards["candidate"], method.m))
+    sub = rewards.filter(pc.less(rewards["candidate"], method.m))
     pairs, _ = build_pairs(
         sub["sample_id"], sub["candidate"], sub["reward"], n_top=method.n_top, weighting=method.weighting
     )
@@ -314,8 +322,8 @@ def write_report(
         f"each. Evaluation: {args.eval_inputs} crops of `bundled://{'heldout' if args.split == 'heldout' else 'train'}`"
         f"{'' if args.split == 'heldout' else ' (unseen crops: tuning split)'}, M_eval={args.m_eval} candidates each "
         f"with the same seeds for every method. DPO: {args.steps} steps × {args.pairs_per_step} pairs, "
-        f"lr {args.learning_rate:g}, β {args.beta:g}, DDIM {args.num_inference_steps} steps; {args.seeds} training "
-        "seeds per method. Reward: the `offline` hybrid reward, normalisation bounds fitted on the base model's "
+        f"lr {args.learning_rate:g}, β {args.beta:g}, DDIM {args.num_inference_steps} steps; up to {args.seeds} "
+        "training seeds per method (column `seeds`). Reward: the `offline` hybrid reward, normalisation bounds fitted on the base model's "
         "training candidates and frozen. Intervals: 95 % Student-t over training seeds.",
         "",
         "## Held-out reward per method",
@@ -336,7 +344,9 @@ def write_report(
         "",
         "Methods: " + "; ".join(f"`{m.name}` = {m.label}" for m in methods) + ".",
         "",
-        f"Wall time: {timings['total_s'] / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).",
+        "Time (summed over the invocations merged, if any): "
+        + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "not recorded")
+        + ".",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = parse_args(argv)
+    command = "python scripts/mini_repro.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        all_evals, methods, timings, runs_info = merge(args)
+        report(args, all_evals, methods, timings, runs_info, command.strip())
+        return
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -370,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     # lets tuning runs (--split train-val, other lr/beta/steps) and reruns skip the slowest shared step.
     key = {k: getattr(args, k) for k in ("train_inputs", "m", "crop", "num_inference_steps", "seed")}
     key["residual_clip"] = base.residual_clip
+    # the degraded inputs themselves, so a change anywhere in dp2o.degrade invalidates the cache
+    key["lr"] = hashlib.sha256(train_lr.numpy().tobytes()).hexdigest()[:16]
     key["weights"] = hashlib.sha256(Path(model_dir, "unet", UNET_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
     cache = (
         args.work_dir
@@ -432,20 +449,76 @@ def main(argv: list[str] | None = None) -> None:
             pa.concat_tables(evals).to_pandas().to_csv(args.plot_dir / "eval_rewards.csv", index=False)
     timings.update(train_s=t_train, eval_s=t_eval, total_s=time.time() - t0)
 
-    all_evals = pa.concat_tables(evals)
+    report(args, pa.concat_tables(evals), methods, timings, runs_info, command.strip())
+
+
+def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[dict]]:
+    """Combine the outputs (`eval_rewards.csv`, `results.json`) of invocations that ran disjoint `--only`
+    method sets in parallel. Their base-model rows must agree: same model, inputs and seeds."""
+    from pyarrow import csv
+
+    tables, runs_info, timings, names = [], [], {}, []
+    base = None
+    for i, folder in enumerate(args.merge):
+        table = csv.read_csv(folder / "eval_rewards.csv")
+        # an interrupted invocation leaves its finished runs in eval_rewards.csv but no results.json
+        done = folder / "results.json"
+        record = (
+            json.loads(done.read_text())
+            if done.exists()
+            else {"args": vars(args), "runs": [], "timings_s": {}}
+        )
+        is_base = pc.equal(table["method"], "base")
+        this_base = table.filter(is_base)
+        if base is None:
+            base = this_base
+            for key in (
+                "train_inputs",
+                "eval_inputs",
+                "m",
+                "m_eval",
+                "seeds",
+                "steps",
+                "pairs_per_step",
+                "learning_rate",
+                "beta",
+                "crop",
+                "num_inference_steps",
+                "split",
+                "seed",
+            ):
+                setattr(args, key, record["args"][key])
+        elif not np.allclose(np.asarray(this_base["reward"]), np.asarray(base["reward"])):
+            raise ValueError(
+                f"--merge: base-model rewards in {folder} differ from {args.merge[0]}; "
+                "merge only invocations with the same model, inputs and seeds"
+            )
+        tables.append(table if i == 0 else table.filter(pc.invert(is_base)))
+        runs_info += record["runs"]
+        names += table["method"].to_pylist()
+        for k, v in record["timings_s"].items():
+            timings[k] = timings.get(k, 0.0) + v
+    methods = [m for m in methods_for(args.m) if m.name in names]
+    return pa.concat_tables(tables), methods, timings, runs_info
+
+
+def report(
+    args, all_evals: pa.Table, methods: list[Method], timings: dict, runs_info: list[dict], command: str
+):
+    """Tables, verdicts, plot, markdown, `results.json` and `eval_rewards.csv` from the evaluation rows."""
     runs = run_at_m(
         per_input_at_m(all_evals, group_by=("method", "train_seed")), group_by=("method", "train_seed")
     )
     summary = summarize_over_seeds(runs)
-    is_base = pa.compute.equal(runs["method"], "base")
-    base_run, trained = runs.filter(is_base), runs.filter(pa.compute.invert(is_base))
+    is_base = pc.equal(runs["method"], "base")
+    base_run, trained = runs.filter(is_base), runs.filter(pc.invert(is_base))
     diffs = difference_vs(trained, base_run)
     paired = []
     for name, run, ref in (
         ("multi-uniform − best-vs-worst", "dp2o-multi-uniform", "dpo-best-vs-worst"),
         ("multi-HPO − multi-uniform", "dp2o-multi-hpo", "dp2o-multi-uniform"),
     ):
-        a, b = (trained.filter(pa.compute.equal(trained["method"], x)) for x in (run, ref))
+        a, b = (trained.filter(pc.equal(trained["method"], x)) for x in (run, ref))
         if a.num_rows and b.num_rows:
             d = difference_vs(a, b).to_pylist()[0]
             paired.append({"comparison": name, **{k: v for k, v in d.items() if k != "method"}})
@@ -459,7 +532,6 @@ def main(argv: list[str] | None = None) -> None:
     plot(
         summary, plot_path, f"held-out Best/Mean/Worst@{args.m_eval}, 95% CI over {args.seeds} training seeds"
     )
-    command = "python scripts/mini_repro.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_report(
         args,
         summary,
@@ -469,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         timings,
         args.out,
         os.path.relpath(plot_path, args.out.parent),
-        command.strip(),
+        command,
     )
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -479,11 +551,13 @@ def main(argv: list[str] | None = None) -> None:
         "diff_vs_base": diffs.to_pylist(),
         "paired": paired,
     }
-    (args.plot_dir / "results.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+    (args.plot_dir / "results.json").write_text(
+        json.dumps(record, indent=2, default=lambda o: str(o) if isinstance(o, Path) else float(o)) + "\n"
+    )
     all_evals.to_pandas().to_csv(args.plot_dir / "eval_rewards.csv", index=False)
     print(markdown_table(summary))
     print(markdown_table(diffs))
-    print(f"wrote {args.out} and {args.plot_dir} in {timings['total_s'] / 60:.1f} min")
+    print(f"wrote {args.out} and {args.plot_dir}")
 
 
 def _tag(table: pa.Table, method: str, seed: int) -> pa.Table:

@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - registers pa.compute
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -144,9 +143,9 @@ def verify(args: argparse.Namespace) -> dict:
     rewards = model.reward(
         model.raw(ids, torch.cat([bicubic, cands], dim=1), hr)
     )  # bounds fitted on bicubic and samples together, so both share one scale
-    is_bicubic = pa.compute.equal(rewards["candidate"], 0)
+    is_bicubic = pc.equal(rewards["candidate"], 0)
     summary = {}
-    for name, mask in (("bicubic", is_bicubic), ("tiny", pa.compute.invert(is_bicubic))):
+    for name, mask in (("bicubic", is_bicubic), ("tiny", pc.invert(is_bicubic))):
         part = rewards.filter(mask)
         summary[name] = {c: float(np.mean(part[c])) for c in ["reward", *model.metric_names]}
     record = {

@@ -235,6 +235,12 @@ def train_dpo(
     backend.eval()
     table = pa.Table.from_pylist(metrics) if metrics else pa.table({k: [] for k in METRIC_COLUMNS})
     last = metrics[-1] if metrics else {}
+    window = max(1, min(5, len(metrics) // 2))  # single steps are noisy with few pairs: report window means
+
+    def mean_of(rows: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
     stats = {
         "steps": cfg.steps,
         "resumed_from": start,
@@ -243,5 +249,9 @@ def train_dpo(
         "final_loss": last.get("loss"),
         "final_implicit_acc": last.get("implicit_acc"),
         "first_loss": metrics[0]["loss"] if metrics else None,
+        "window": window,
+        "loss_first_window": mean_of(metrics[:window], "loss"),
+        "loss_last_window": mean_of(metrics[-window:], "loss"),
+        "implicit_acc_last_window": mean_of(metrics[-window:], "implicit_acc"),
     }
     return TrainResult(table, stats)
