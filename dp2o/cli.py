@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -246,6 +247,8 @@ def _verify(target: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes (pulled in by peft/diffusers) warns about optional CPU kernels on every import; not ours to fix
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         if args.command == "inspect":
             _inspect(args.target, args.rows)
