@@ -316,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dp2o: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from dp2o.models.base import BackendError
+        from dp2o.reward.registry import MetricWeightsMissing
         from dp2o.stages import StageError
 
-        if isinstance(e, StageError | FileNotFoundError):
+        if isinstance(e, StageError | FileNotFoundError | BackendError | MetricWeightsMissing):
             print(f"dp2o: {e}", file=sys.stderr)
             return 1
         raise

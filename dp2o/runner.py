@@ -68,6 +68,8 @@ def run_pipeline(
 
     root, so = cfg.root, cfg.storage_options
     results: dict[str, StageResult] = {}
+    if until not in ("degrade",):
+        stages.preflight(cfg)
 
     def step(plan: StagePlan) -> bool:
         results[plan.stage] = execute(plan)

@@ -35,6 +35,7 @@ from dp2o import schemas
 from dp2o.config import (
     DegradeConfig,
     PairsConfig,
+    PipelineConfig,
     SampleConfig,
     ScoreConfig,
     TrainConfig,
@@ -339,6 +340,14 @@ def prepare(plan: StagePlan) -> None:
         out.write_json_atomic(resolved, "config.json")
     if plan.stage == "score" and pending_shards(plan):
         _scorer(plan.config)  # loads every metric now: missing weights fail before any image is read
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Load the sampling backend and the IQA metrics before the first stage runs, so a missing weight folder,
+    a wrong model class or absent metric weights fail in seconds, not after hours of degradation. Both are
+    cached per process, so the stages reuse them."""
+    sampling_backend(cfg.sample)
+    _scorer(cfg.score)
 
 
 def pending_shards(plan: StagePlan) -> list[ShardSpec]:

@@ -224,3 +224,50 @@ def test_every_stage_alone_with_explicit_locations(tmp_path):
     )
     assert (x / "train" / "data" / "metrics.parquet").exists()
     assert not (tmp_path / "unused").exists()
+
+
+def test_missing_model_weights_fail_before_any_stage_runs(tmp_path, capsys):
+    from dp2o.cli import DEMO_CONFIG
+
+    root = tmp_path / "run"
+    rc = main(
+        [
+            "run",
+            "--config",
+            str(DEMO_CONFIG),
+            "--root",
+            str(root),
+            "--orchestrator",
+            "local",
+            "--set",
+            f"sample.backend.model={tmp_path / 'no-such-model'}",
+        ]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "BackendConfig.model" in err and "no-such-model" in err
+    assert not root.exists()  # nothing was degraded first
+
+
+def test_missing_metric_weights_fail_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    from dp2o.cli import DEMO_CONFIG
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    root = tmp_path / "run"
+    rc = main(
+        [
+            "run",
+            "--config",
+            str(DEMO_CONFIG),
+            "--root",
+            str(root),
+            "--orchestrator",
+            "local",
+            "--set",
+            "score.metrics=[psnr, lpips]",
+        ]
+    )
+    assert rc == 1
+    assert "lpips" in capsys.readouterr().err
+    assert not root.exists()
