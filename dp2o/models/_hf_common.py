@@ -381,3 +381,9 @@ def configure_memory(vae, cfg: BackendConfig) -> None:
         vae.enable_tiling()
     if cfg.enable_vae_slicing:
         vae.enable_slicing()
+
+
+def check_target(target: torch.Tensor, lr: torch.Tensor, scale: int) -> None:
+    """Training targets must be the ×scale size of their LR inputs, one per row."""
+    if target.shape[0] != lr.shape[0] or tuple(target.shape[-2:]) != tuple(scale * s for s in lr.shape[-2:]):
+        raise ValueError(f"target {tuple(target.shape)} must be the ×{scale} size of lr {tuple(lr.shape)}")

@@ -29,6 +29,7 @@ from dp2o.models._hf_common import (
     check_lr,
     check_pipeline_class,
     check_source,
+    check_target,
     configure_memory,
     load_component,
     load_scheduler,
@@ -257,12 +258,7 @@ class SD2ControlNetBackend(DiffusersBackend):
         from diffusers.utils.torch_utils import randn_tensor
 
         check_lr(lr, self._vae_scale, self.scale)
-        if target.shape[0] != lr.shape[0] or tuple(target.shape[-2:]) != tuple(
-            self.scale * s for s in lr.shape[-2:]
-        ):
-            raise ValueError(
-                f"target {tuple(target.shape)} must be the ×{self.scale} size of lr {tuple(lr.shape)}"
-            )
+        check_target(target, lr, self.scale)
         batch = target.shape[0]
         pixels = (2 * target - 1).to(self._device, self._dtype)
         posterior = self.vae.encode(pixels).latent_dist
