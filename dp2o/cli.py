@@ -184,16 +184,7 @@ def _run_stage(stage: str, cfg: PipelineConfig, orchestrator: str, **urls) -> di
             section, urls["pairs"], urls["out"], samples_url=urls.get("samples"), storage_options=so
         ),
     }[stage]()
-    r = execute_plan(plan, workers=cfg.workers)
-    return {
-        "stage": r.stage,
-        "url": r.url,
-        "rows": r.manifest["rows"],
-        "errors": r.manifest["errors"],
-        "computed": r.computed,
-        "skipped": r.skipped,
-        "stats": r.manifest["stats"],
-    }
+    return execute_plan(plan, workers=cfg.workers).as_dict()
 
 
 def _inspect(target: str, rows: int) -> None:

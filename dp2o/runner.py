@@ -29,12 +29,25 @@ class StageResult:
     seconds: float
     extra: dict = field(default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """The JSON-able report the CLI prints and the stage flows return."""
+        m = self.manifest
+        return {
+            "stage": self.stage,
+            "url": self.url,
+            "rows": m["rows"],
+            "errors": m["errors"],
+            "computed": self.computed,
+            "skipped": self.skipped,
+            "stats": m["stats"],
+        }
+
 
 def execute_plan(plan: StagePlan, *, workers: int = 1, log: Logger = print) -> StageResult:
     """prepare → run pending shards (a thread pool when workers > 1) → finalize."""
     t0 = time.perf_counter()
-    stages.prepare(plan)
     pending = stages.pending_shards(plan)
+    stages.prepare(plan, pending)
     skipped = len(plan.shards) - len(pending)
     log(f"{plan.stage}: {len(pending)} shard(s) to compute, {skipped} already committed -> {plan.out_url}")
     if plan.single_task:

@@ -4,8 +4,9 @@ Every stage follows the same three steps, and an orchestrator (Prefect in `flows
 `dp2o.runner`) only strings them together:
 
     plan = plan_<stage>(config, ...)          # cheap: resolves inputs, fingerprint, shard list; validates
-    prepare(plan)                             # writes config.json, fails fast on missing weights etc.
-    for spec in pending_shards(plan):         # shards without a valid marker
+    pending = pending_shards(plan)            # shards without a valid marker
+    prepare(plan, pending)                    # writes config.json, fails fast on missing weights etc.
+    for spec in pending:
         run_shard(plan, spec)                 # pure function of (plan, spec); commits files, marker last
     finalize(plan)                            # checks every marker, writes _MANIFEST.json
 
@@ -42,6 +43,7 @@ from dp2o.config import (
     canonical,
     fingerprint,
 )
+from dp2o.devices import resolve_device
 from dp2o.io import ShardOutput, Storage, commit_shard, read_marker, shard_name
 from dp2o.seeding import derive_seed
 from dp2o.tario import TarReader, encode_png, to_tensor01, to_uint8_hwc, write_tar
@@ -319,9 +321,9 @@ def _parquet_files(url: str, so: dict) -> list[tuple[str, int]]:
 # ---- prepare / pending / finalize ----------------------------------------------------------------------------
 
 
-def prepare(plan: StagePlan) -> None:
+def prepare(plan: StagePlan, pending: list[ShardSpec]) -> None:
     """Write config.json (refusing a folder that holds another config's results) and fail fast on things that
-    would only break later: missing metric weights, unloadable backends."""
+    would only break later (missing metric weights) when there is work left to do."""
     out = plan.out
     resolved = {
         "stage": plan.stage,
@@ -338,7 +340,7 @@ def prepare(plan: StagePlan) -> None:
             )
     else:
         out.write_json_atomic(resolved, "config.json")
-    if plan.stage == "score" and pending_shards(plan):
+    if plan.stage == "score" and pending:
         _scorer(plan.config)  # loads every metric now: missing weights fail before any image is read
 
 
@@ -606,12 +608,6 @@ def _run_sample(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
 # ---- score -------------------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 @functools.lru_cache(maxsize=2)
 def _scorer_cached(metrics_json: str, device: str, batch_size: int):
     import json
@@ -627,7 +623,7 @@ def _scorer(cfg: ScoreConfig):
     import json
 
     metrics = cfg.metrics if isinstance(cfg.metrics, str) else list(cfg.metrics)
-    return _scorer_cached(json.dumps(metrics), _device(cfg.device), cfg.batch_size)
+    return _scorer_cached(json.dumps(metrics), str(resolve_device(cfg.device)), cfg.batch_size)
 
 
 def metric_specs(cfg: ScoreConfig):

@@ -16,8 +16,8 @@ def execute_with_prefect(plan: StagePlan) -> StageResult:
     """prepare → map run_shard_task over pending shards → finalize (inside the current flow run)."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    stages.prepare(plan)
     pending = stages.pending_shards(plan)
+    stages.prepare(plan, pending)
     skipped = len(plan.shards) - len(pending)
     logger.info(
         "%s: %d shard(s) to compute, %d already committed -> %s",

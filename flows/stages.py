@@ -15,19 +15,6 @@ from dp2o.config import DegradeConfig, PairsConfig, SampleConfig, ScoreConfig, T
 from flows.common import execute_with_prefect
 
 
-def _summary(result) -> dict:
-    m = result.manifest
-    return {
-        "stage": result.stage,
-        "url": result.url,
-        "rows": m["rows"],
-        "errors": m["errors"],
-        "computed": result.computed,
-        "skipped": result.skipped,
-        "stats": m["stats"],
-    }
-
-
 @flow(name="degrade", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
 def degrade(
     config: DegradeConfig,
@@ -37,7 +24,7 @@ def degrade(
 ) -> dict:
     """HR photos (config.input) -> LR/HR webdataset shards + Parquet index."""
     plan = stages.plan_degrade(config, out, root=root, storage_options=storage_options)
-    return _summary(execute_with_prefect(plan))
+    return execute_with_prefect(plan).as_dict()
 
 
 @flow(name="sample", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -50,7 +37,7 @@ def sample(
 ) -> dict:
     """M candidates per LR input of a finished degrade stage (one shard at a time: the model is shared)."""
     plan = stages.plan_sample(config, degraded, out, root=root, storage_options=storage_options)
-    return _summary(execute_with_prefect(plan))
+    return execute_with_prefect(plan).as_dict()
 
 
 @flow(name="score", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -63,7 +50,7 @@ def score(
 ) -> dict:
     """Raw IQA metrics for every candidate of a finished sample stage."""
     plan = stages.plan_score(config, samples, out, root=root, storage_options=storage_options)
-    return _summary(execute_with_prefect(plan))
+    return execute_with_prefect(plan).as_dict()
 
 
 @flow(name="reward", log_prints=True)
@@ -76,7 +63,7 @@ def reward(
 ) -> dict:
     """Hybrid reward from stored raw scores (never re-scores)."""
     plan = stages.plan_reward(config, scores, out, root=root, storage_options=storage_options)
-    return _summary(execute_with_prefect(plan))
+    return execute_with_prefect(plan).as_dict()
 
 
 @flow(name="pairs", log_prints=True)
@@ -89,7 +76,7 @@ def pairs(
 ) -> dict:
     """Top-N x bottom-N pairs with HPO weights from a reward stage or any Parquet with sample_id/candidate/reward."""
     plan = stages.plan_pairs(config, scores, out, root=root, storage_options=storage_options)
-    return _summary(execute_with_prefect(plan))
+    return execute_with_prefect(plan).as_dict()
 
 
 @flow(name="train", log_prints=True)
@@ -105,4 +92,4 @@ def train(
     plan = stages.plan_train(
         config, pairs, out, root=root, samples_url=samples, storage_options=storage_options
     )
-    return _summary(execute_with_prefect(plan))
+    return execute_with_prefect(plan).as_dict()

@@ -151,9 +151,14 @@ def test_inspect_and_verify(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_script_is_installed():
-    r = subprocess.run(
-        [sys.executable, "-m", "dp2o.cli", "--help"], capture_output=True, text=True, check=True
-    )
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "dp2o"]
+    assert ep.value == "dp2o.cli:main"
+    script = Path(sys.executable).parent / "dp2o"
+    assert script.exists(), f"{script} missing: is the package installed (pip install -e .)?"
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for cmd in ("run", "demo", "degrade", "sample", "score", "reward", "pairs", "train", "inspect", "verify"):
         assert cmd in r.stdout
 

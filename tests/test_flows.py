@@ -20,7 +20,15 @@ def test_pipeline_flow_completes_and_rerun_skips(tmp_path, prefect_harness):
     assert "train" in text and "pairs" in text
     again = pipeline(config=cfg, return_state=True)
     assert again.is_completed()
-    assert "0+" in again.result()  # every stage reports 0 computed shards
+    rows = {
+        line.split()[0]: line.split()[3]
+        for line in again.result().splitlines()
+        if line.split()
+        and line.split()[0] in ("degrade", "sample", "score", "reward", "pairs", "train")
+        and len(line.split()) > 4
+    }
+    assert len(rows) == 6, rows
+    assert all(shards.startswith("0+") for shards in rows.values()), rows  # nothing recomputed
 
 
 def test_stage_flow_with_explicit_locations(tmp_path, prefect_harness):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dp2o import devices
 from dp2o.models.base import Backend, BackendError
 from dp2o.models.config import BackendConfig
 from dp2o.seeding import torch_generator
@@ -38,9 +39,7 @@ _FULL_FILE = "diffusion_pytorch_model.safetensors"
 # ---- device and precision ------------------------------------------------------------------------------
 def resolve_device(cfg: BackendConfig) -> torch.device:
     """`auto` → cuda when available, else cpu."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return devices.resolve_device(cfg.device)
 
 
 def resolve_dtype(cfg: BackendConfig, device: torch.device) -> torch.dtype:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from dp2o.devices import resolve_device
 from dp2o.models.base import Backend, BackendError, NoisedBatch
 from dp2o.models.config import BackendConfig
 
@@ -57,12 +58,6 @@ def bundled_weights_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / "tiny-sr"
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _to_signed(img: torch.Tensor) -> torch.Tensor:
     return img * 2.0 - 1.0
 
@@ -86,7 +81,7 @@ class TinyBackend(Backend):
                 f"tiny UNet must have in_channels=6 (noisy residual + bicubic LR) and out_channels=3, got "
                 f"{unet.config.in_channels} and {unet.config.out_channels}; build it from DEFAULT_UNET_CONFIG"
             )
-        self._device = _resolve_device(device)
+        self._device = resolve_device(device)
         self.unet = unet.to(self._device)
         self.reference = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.num_inference_steps = int(num_inference_steps)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dp2o.devices import resolve_device
 from dp2o.reward.registry import (
     MetricSpec,
     MetricWeightsMissing,
@@ -27,12 +28,6 @@ from dp2o.reward.registry import (
     missing_weights_message,
     resolve_metrics,
 )
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _create(spec: MetricSpec, device: torch.device) -> torch.nn.Module:
@@ -81,7 +76,7 @@ class MetricScorer:
             raise ValueError(f"metrics listed more than once: {names}")
         self.specs = list(specs)
         self.batch_size = int(batch_size)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if not allow_download:
             missing = missing_weights(self.specs)
             if missing:
