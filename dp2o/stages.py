@@ -498,17 +498,24 @@ def _run_degrade(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
         for j, (sid, _, _) in enumerate(chunk):
             members.append((f"{sid}.hr.png", encode_png(hr_np[j])))
             members.append((f"{sid}.lr.png", encode_png(lr_np[j])))
-    table = pa.Table.from_pylist(rows, schema=schemas.degrade_schema())
+    shard = _image_shard(spec, tmp, pa.Table.from_pylist(rows, schema=schemas.degrade_schema()), members)
+    shard.stats = {"samples_ok": shard.rows - shard.errors, "sources": len(spec.inputs), "device": cfg.device}
+    return shard
+
+
+def _image_shard(
+    spec: ShardSpec, tmp: Path, table: pa.Table, members: list[tuple[str, bytes]]
+) -> ShardOutput:
+    """Write an image stage's shard locally: the Parquet index and the tar of PNGs, ready to commit."""
     pq_path, tar_path = tmp / f"{spec.name}.parquet", tmp / f"{spec.name}.tar"
     dio.write_parquet(table, pq_path)
     write_tar(tar_path, members)
-    errors = sum(r["status"] != "ok" for r in rows)
+    errors = sum(s != "ok" for s in table["status"].to_pylist())
     return ShardOutput(
         spec.name,
         {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
-        rows=len(rows),
+        rows=table.num_rows,
         errors=errors,
-        stats={"samples_ok": len(rows) - errors, "sources": len(spec.inputs), "device": cfg.device},
     )
 
 
@@ -561,48 +568,33 @@ def _run_sample(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     rows: list[dict] = []
     members: list[tuple[str, bytes]] = []
     with TarReader(_local_copy(up, f"data/{spec.name}.tar", tmp)) as tar:
-        lr_cache: dict[str, np.ndarray] = {}
-        for i in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[i : i + cfg.batch_size]
-            for sid, _, _ in chunk:
-                if sid not in lr_cache:
-                    lr_cache[sid] = tar.image(f"{sid}.lr.png")
-            lr = to_tensor01(lr_cache[sid] for sid, _, _ in chunk)
-            prompts = [prompt_of[sid] or cfg.backend.prompt for sid, _, _ in chunk] if prompt_of else None
-            out = backend.sample(lr, [seed for _, _, seed in chunk], prompts=prompts)
-            finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
-            sr = to_uint8_hwc(torch.nan_to_num(out))
-            for j, (sid, c, seed) in enumerate(chunk):
-                row = {
-                    "sample_id": sid,
-                    "candidate": c,
-                    "seed": seed,
-                    "backend": backend.name,
-                    "height": int(sr.shape[1]),
-                    "width": int(sr.shape[2]),
-                    "status": "ok",
-                    "error": None,
-                }
-                if finite[j]:
-                    members.append((f"{candidate_key(sid, c)}.sr.png", encode_png(sr[j])))
-                else:  # e.g. fp16 overflow: record it, keep the other candidates
-                    row.update(status="error", error="model output has NaN/inf values")
-                rows.append(row)
-            # an LR input is needed only by its own consecutive candidates
-            for sid in [s for s in lr_cache if s != chunk[-1][0]]:
-                del lr_cache[sid]
-    table = pa.Table.from_pylist(rows, schema=schemas.sample_schema())
-    pq_path, tar_path = tmp / f"{spec.name}.parquet", tmp / f"{spec.name}.tar"
-    dio.write_parquet(table, pq_path)
-    write_tar(tar_path, members)
-    errors = sum(r["status"] != "ok" for r in rows)
-    return ShardOutput(
-        spec.name,
-        {f"data/{spec.name}.parquet": str(pq_path), f"data/{spec.name}.tar": str(tar_path)},
-        rows=len(rows),
-        errors=errors,
-        stats={"inputs": len(ok_ids)},
-    )
+        lrs = {sid: tar.image(f"{sid}.lr.png") for sid in ok_ids}  # a shard's LR inputs are small
+    for i in range(0, len(jobs), cfg.batch_size):
+        chunk = jobs[i : i + cfg.batch_size]
+        lr = to_tensor01(lrs[sid] for sid, _, _ in chunk)
+        prompts = [prompt_of[sid] or cfg.backend.prompt for sid, _, _ in chunk] if prompt_of else None
+        out = backend.sample(lr, [seed for _, _, seed in chunk], prompts=prompts)
+        finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
+        sr = to_uint8_hwc(torch.nan_to_num(out))
+        for j, (sid, c, seed) in enumerate(chunk):
+            row = {
+                "sample_id": sid,
+                "candidate": c,
+                "seed": seed,
+                "backend": backend.name,
+                "height": int(sr.shape[1]),
+                "width": int(sr.shape[2]),
+                "status": "ok",
+                "error": None,
+            }
+            if finite[j]:
+                members.append((f"{candidate_key(sid, c)}.sr.png", encode_png(sr[j])))
+            else:  # e.g. fp16 overflow: record it, keep the other candidates
+                row.update(status="error", error="model output has NaN/inf values")
+            rows.append(row)
+    shard = _image_shard(spec, tmp, pa.Table.from_pylist(rows, schema=schemas.sample_schema()), members)
+    shard.stats = {"inputs": len(ok_ids)}
+    return shard
 
 
 # ---- score -------------------------------------------------------------------------------------------------------
