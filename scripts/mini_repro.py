@@ -61,10 +61,11 @@ PRESETS: dict[str, dict] = {
     # the shipped configuration (tuned with --split photo-val, never on bundled://heldout)
     "full": {
         "train_inputs": 24,
-        "eval_inputs": 24,
+        "eval_inputs": 16,
         "m": 16,
         "m_eval": 8,
-        "seeds": 5,
+        "seeds": 16,
+        "sweep_seeds": 8,
         "steps": 30,
         "pairs_per_step": 8,
     },
@@ -75,6 +76,7 @@ PRESETS: dict[str, dict] = {
         "m": 4,
         "m_eval": 2,
         "seeds": 2,
+        "sweep_seeds": 2,
         "steps": 2,
         "pairs_per_step": 2,
     },
@@ -121,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-inputs", type=int, help="held-out LR inputs (crops of bundled://heldout)")
     p.add_argument("--m", type=int, help="candidates per training input (M)")
     p.add_argument("--m-eval", type=int, help="candidates per held-out input for Best/Mean/Worst@M")
-    p.add_argument("--seeds", type=int, help="training seeds per method")
+    p.add_argument("--seeds", type=int, help="training seeds per method of the main comparison")
+    p.add_argument("--sweep-seeds", type=int, help="training seeds per method of the N/M sweep")
     p.add_argument("--steps", type=int, help="DPO optimiser steps per run")
     p.add_argument("--pairs-per-step", type=int, help="pairs per optimiser step")
     p.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward pass")
@@ -299,7 +302,9 @@ def train_one(
             Storage(tmp),
             log=lambda s: print(f"   [{method.name} seed {seed}]", s, flush=True),
         )
-    return backend, {"pairs": pairs.num_rows, **result.stats}
+    w = pairs["weight"].to_numpy()
+    spread = {"weight_min": float(w.min()), "weight_max": float(w.max()), "weight_std": float(w.std())}
+    return backend, {"pairs": pairs.num_rows, **spread, **result.stats}
 
 
 def evaluate(args, backend: TinyBackend, data: dict, reward_model: RewardModel) -> pa.Table:
@@ -351,8 +356,31 @@ def verdicts(diffs: pa.Table, label: str, suffix: str) -> list[str]:
     return out
 
 
+def weight_lines(runs_info: list[dict]) -> list[str]:
+    """Pairs and pair-weight spread per method (the pairs do not depend on the training seed)."""
+    seen, out = set(), []
+    for run in runs_info:
+        if run["method"] in seen or "weight_std" not in run:
+            continue
+        seen.add(run["method"])
+        out.append(
+            f"- `{run['method']}`: {run['pairs']} pairs, weight min {run['weight_min']:.3f}, "
+            f"max {run['weight_max']:.3f}, std {run['weight_std']:.4f}"
+        )
+    return out
+
+
 def write_report(
-    args, summary, diffs, paired, methods, timings, path: Path, plot_rel: str, command: str
+    args,
+    summary,
+    diffs,
+    paired,
+    methods,
+    timings,
+    path: Path,
+    plot_rel: str,
+    command: str,
+    runs_info: list[dict] = (),
 ) -> None:
     lines = [
         "# Miniature reproduction (tiny model, CPU)",
@@ -365,8 +393,9 @@ def write_report(
         f"each. Evaluation: {args.eval_inputs} crops of `bundled://{'heldout' if args.split == 'heldout' else 'train'}`"
         f"{'' if args.split == 'heldout' else ' (unseen crops: tuning split)'}, M_eval={args.m_eval} candidates each "
         f"with the same seeds for every method. DPO: {args.steps} steps × {args.pairs_per_step} pairs, "
-        f"lr {args.learning_rate:g}, β {args.beta:g}, DDIM {args.num_inference_steps} steps; up to {args.seeds} "
-        "training seeds per method (column `seeds`). "
+        f"lr {args.learning_rate:g} (linear warm-up {args.warmup_steps} steps), β {args.beta:g}, "
+        f"DDIM {args.num_inference_steps} steps; {args.seeds} "
+        f"training seeds per main method and {args.sweep_seeds} per sweep method (column `seeds`). "
         f"Reward: the hybrid reward of `{args.metrics}`"
         + (f" with metric weights {args.metric_weights}" if args.metric_weights else "")
         + ", normalisation bounds fitted on the base model's training candidates and frozen. Intervals: 95 % Student-t over training seeds.",
@@ -389,6 +418,10 @@ def write_report(
         "",
         "Methods: " + "; ".join(f"`{m.name}` = {m.label}" for m in methods) + ".",
         "",
+        "Training pairs and their weights (HPO weights are w_intra · w_inter; uniform weights are 1):",
+        "",
+        *weight_lines(list(runs_info)),
+        "",
         "Time (summed over the invocations merged, if any): "
         + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "not recorded")
         + ".",
@@ -396,6 +429,18 @@ def write_report(
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def candidate_cache(args, base: TinyBackend, model_dir: str, train_lr: torch.Tensor) -> Path:
+    """File caching the base model's training candidates. They do not depend on the reward or the DPO settings:
+    caching them lets tuning runs (other splits, rewards, lr/beta/steps) and reruns skip the slowest shared
+    step. The key holds the degraded inputs themselves, so a change anywhere in dp2o.degrade invalidates it."""
+    key = {k: getattr(args, k) for k in ("train_inputs", "m", "crop", "num_inference_steps", "seed")}
+    key["residual_clip"] = base.residual_clip
+    key["lr"] = hashlib.sha256(train_lr.numpy().tobytes()).hexdigest()[:16]
+    key["weights"] = hashlib.sha256(Path(model_dir, "unet", UNET_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return args.work_dir / f"train-candidates-{digest}.pt"
 
 
 _WORKER: dict = {}
@@ -472,17 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["data_s"] = time.time() - t0
 
     t = time.time()
-    # The base model's training candidates do not depend on the reward or the DPO settings: caching them lets
-    # tuning runs (other splits, rewards, lr/beta/steps) and reruns skip the slowest shared step.
-    key = {k: getattr(args, k) for k in ("train_inputs", "m", "crop", "num_inference_steps", "seed")}
-    key["residual_clip"] = base.residual_clip
-    # the degraded inputs themselves, so a change anywhere in dp2o.degrade invalidates the cache
-    key["lr"] = hashlib.sha256(train_lr.numpy().tobytes()).hexdigest()[:16]
-    key["weights"] = hashlib.sha256(Path(model_dir, "unet", UNET_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
-    cache = (
-        args.work_dir
-        / f"train-candidates-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.pt"
-    )
+    cache = candidate_cache(args, base, model_dir, train_lr)
     if cache.exists():
         train_cands = torch.load(cache)["candidates"]
     else:
@@ -513,7 +548,11 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m for m in methods_for(args.m) if args.only is None or m.name in args.only]
     evals = [_tag(evaluate(args, base, data, reward_model), "base", -1)]
     timings["eval_base_s"] = time.time() - t
-    jobs = [(method, k) for method in methods for k in range(args.seeds)]
+    jobs = [
+        (method, k)
+        for method in methods
+        for k in range(args.sweep_seeds if method.name.startswith("sweep-") else args.seeds)
+    ]
     worker_state = (args, model_dir, data, rewards, reward_model.bounds)
     done: dict[tuple[str, int], tuple[pa.Table, dict]] = {}
     t_train = t_eval = 0.0
@@ -584,6 +623,7 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
                 "m",
                 "m_eval",
                 "seeds",
+                "sweep_seeds",
                 "steps",
                 "pairs_per_step",
                 "learning_rate",
@@ -639,7 +679,9 @@ def report(
 
     plot_path = args.plot_dir / "at_m.png"
     plot(
-        summary, plot_path, f"held-out Best/Mean/Worst@{args.m_eval}, 95% CI over {args.seeds} training seeds"
+        summary,
+        plot_path,
+        f"held-out Best/Mean/Worst@{args.m_eval}, 95% CI over training seeds (column `seeds` of the table)",
     )
     write_report(
         args,
@@ -651,6 +693,7 @@ def report(
         args.out,
         os.path.relpath(plot_path, args.out.parent),
         command,
+        runs_info,
     )
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
