@@ -50,7 +50,7 @@ from dp2o.seeding import derive_seed
 
 #: The reward of the reproduction (a preset of dp2o.reward.registry or a comma-separated list of metric names):
 #: the `offline` preset without PIQE. PIQE scores 16×16 blocks, and a 64 px crop has only 16 of them: moving the
-#: same crop by 1–4 px changes PIQE by 5.2 points (std), against a spread of 7.5 between the candidates of one
+#: same crop by 1–4 px changes PIQE by 5.2 points (std), against a spread of 6.4 between the candidates of one
 #: input, so on these crops it ranks candidates almost at random (see docs/mini_repro.md). Entropy stays as the
 #: no-reference half; FR is PSNR, SSIM, FSIM and GMSD.
 DEFAULT_METRICS = "psnr,ssim,fsim,gmsd,entropy"

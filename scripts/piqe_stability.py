@@ -12,8 +12,9 @@ score moves about as much under a few-pixel shift as between candidates cannot r
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,10 @@ WINDOW = 56
 
 
 def _mini_repro():
-    spec = importlib.util.spec_from_file_location("mini_repro", ROOT / "scripts" / "mini_repro.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/mini_repro.py as a module (this script's folder is on sys.path when it runs as a script)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module("mini_repro")
 
 
 def main(argv: list[str] | None = None) -> dict:

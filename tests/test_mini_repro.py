@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def mini_repro():
-    spec = importlib.util.spec_from_file_location("mini_repro", ROOT / "scripts" / "mini_repro.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # imported by name from a folder on sys.path, so that the run pool's spawned workers can import it too
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        yield importlib.import_module("mini_repro")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
 
 
 TOY = [
