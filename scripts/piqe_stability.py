@@ -6,7 +6,8 @@ For each training input of `scripts/mini_repro.py` (same crops, same base-model 
 when present), a metric is computed on 56 px windows of one candidate shifted by (0,0), (1,1), (2,0), (0,2) and
 (4,4) pixels — the same content, realigned — and on the same 56 px window of all M candidates. A metric whose
 score moves about as much under a few-pixel shift as between candidates cannot rank candidates: the
-"shift std" should be much smaller than the "between-candidate std".
+"shift std" should be much smaller than the "between-candidate std". It also reports each metric's within-input correlation with the `offline` reward
+(rewards and metrics centred per input), i.e. how much of the ranking that builds pairs it decides.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dp2o.models.tiny import TinyBackend, bundled_weights_dir
     from dp2o.seeding import derive_seed
 
-    ids, _, lr = mr.degraded_crops("bundled://train", cfg.train_inputs, cfg.crop, cfg.seed, "mini-train")
+    ids, hr, lr = mr.degraded_crops("bundled://train", cfg.train_inputs, cfg.crop, cfg.seed, "mini-train")
     model_dir = str(bundled_weights_dir())
     base = TinyBackend.from_pretrained(model_dir)
     base.num_inference_steps = cfg.num_inference_steps
@@ -70,6 +71,18 @@ def main(argv: list[str] | None = None) -> dict:
             "between_candidate_std": float(per_candidate.std(axis=1).mean()),
             "between_input_std": float(per_candidate.mean(axis=1).std()),
         }
+    # how much of the `offline` reward's ranking within an input each no-reference metric decides
+    from dp2o.evaluate.scoring import RewardModel
+
+    reward_model = RewardModel("offline")
+    table = reward_model.reward(reward_model.raw(ids, cands, hr)).to_pandas()
+    cols = [c for c in ("piqe", "entropy", "reward") if c in table]
+    within = table[cols] - table.groupby("sample_id")[cols].transform("mean")
+    for name in ("piqe", "entropy"):
+        if name in summary:
+            summary[name]["within_input_corr_with_offline_reward"] = float(
+                within[name].corr(within["reward"])
+            )
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:

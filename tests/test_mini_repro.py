@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +21,14 @@ def mini_repro():
         yield importlib.import_module("mini_repro")
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The script sets torch's process-wide thread count; later tests must run with the default again."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 TOY = [
