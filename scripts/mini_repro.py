@@ -56,6 +56,12 @@ from dp2o.seeding import derive_seed
 DEFAULT_METRICS = "psnr,ssim,fsim,gmsd,entropy"
 #: training photos held out of training by `--split photo-val`, for tuning without touching bundled://heldout
 VAL_PHOTOS = ("chelsea.png", "motorcycle_left.png")
+#: what the report says the evaluation crops are, per `--split`
+SPLIT_WORDS = {
+    "heldout": "`bundled://heldout`",
+    "train-val": "`bundled://train` (unseen crops of the training photos: tuning split)",
+    "photo-val": f"{', '.join(VAL_PHOTOS)} (left out of training: tuning split)",
+}
 
 PRESETS: dict[str, dict] = {
     # the shipped configuration (tuned with --split photo-val, never on bundled://heldout)
@@ -129,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs-per-step", type=int, help="pairs per optimiser step")
     p.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward pass")
     p.add_argument(
-        "--learning-rate", type=float, default=3e-5, help="AdamW learning rate of DPO (tuned on train-val)"
+        "--learning-rate", type=float, default=3e-5, help="AdamW learning rate of DPO (tuned on photo-val)"
     )
     p.add_argument("--beta", type=float, default=5000.0, help="DPO beta")
     p.add_argument(
@@ -225,6 +231,21 @@ def degraded_crops(
         hr[..., o : o + crop, o : o + crop],
         lr[..., o // cfg.scale :, o // cfg.scale :][..., : crop // cfg.scale, : crop // cfg.scale],
     )
+
+
+def split_sources(split: str):
+    """(train photo filter, eval URI, eval crop stage, eval photo filter) of a `--split`; a filter of None keeps
+    every photo. Training always uses `bundled://train`."""
+    if split == "photo-val":
+        return (
+            (lambda n: n not in VAL_PHOTOS),
+            "bundled://train",
+            "mini-photo-val",
+            (lambda n: n in VAL_PHOTOS),
+        )
+    if split == "train-val":
+        return None, "bundled://train", "mini-val", None
+    return None, "bundled://heldout", "mini-eval", None
 
 
 def candidate_seed(seed: int, sample_id: str, candidate: int) -> int:
@@ -380,7 +401,7 @@ def write_report(
     path: Path,
     plot_rel: str,
     command: str,
-    runs_info: list[dict] = (),
+    runs_info: list[dict],
 ) -> None:
     lines = [
         "# Miniature reproduction (tiny model, CPU)",
@@ -390,8 +411,7 @@ def write_report(
         f"    {command}",
         "",
         f"Training inputs: {args.train_inputs} crops ({args.crop} px HR) of `bundled://train`, M={args.m} candidates "
-        f"each. Evaluation: {args.eval_inputs} crops of `bundled://{'heldout' if args.split == 'heldout' else 'train'}`"
-        f"{'' if args.split == 'heldout' else ' (unseen crops: tuning split)'}, M_eval={args.m_eval} candidates each "
+        f"each. Evaluation: {args.eval_inputs} crops of {SPLIT_WORDS[args.split]}, M_eval={args.m_eval} candidates each "
         f"with the same seeds for every method. DPO: {args.steps} steps × {args.pairs_per_step} pairs, "
         f"lr {args.learning_rate:g} (linear warm-up {args.warmup_steps} steps), β {args.beta:g}, "
         f"DDIM {args.num_inference_steps} steps; {args.seeds} "
@@ -420,7 +440,7 @@ def write_report(
         "",
         "Training pairs and their weights (HPO weights are w_intra · w_inter; uniform weights are 1):",
         "",
-        *weight_lines(list(runs_info)),
+        *weight_lines(runs_info),
         "",
         "Time (summed over the invocations merged, if any): "
         + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "not recorded")
@@ -431,16 +451,27 @@ def write_report(
     path.write_text("\n".join(lines))
 
 
-def candidate_cache(args, base: TinyBackend, model_dir: str, train_lr: torch.Tensor) -> Path:
-    """File caching the base model's training candidates. They do not depend on the reward or the DPO settings:
-    caching them lets tuning runs (other splits, rewards, lr/beta/steps) and reruns skip the slowest shared
-    step. The key holds the degraded inputs themselves, so a change anywhere in dp2o.degrade invalidates it."""
+def base_candidates(
+    args, base: TinyBackend, model_dir: str, ids: list[str], lr: torch.Tensor
+) -> torch.Tensor:
+    """The base model's M training candidates per input, sampled once and cached under `args.work_dir`.
+
+    They do not depend on the reward or the DPO settings: caching them lets tuning runs (other splits, rewards,
+    lr/beta/steps) and reruns skip the slowest shared step. The key holds the degraded inputs themselves, so a
+    change anywhere in dp2o.degrade invalidates it."""
     key = {k: getattr(args, k) for k in ("train_inputs", "m", "crop", "num_inference_steps", "seed")}
     key["residual_clip"] = base.residual_clip
-    key["lr"] = hashlib.sha256(train_lr.numpy().tobytes()).hexdigest()[:16]
+    key["lr"] = hashlib.sha256(lr.numpy().tobytes()).hexdigest()[:16]
     key["weights"] = hashlib.sha256(Path(model_dir, "unet", UNET_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return args.work_dir / f"train-candidates-{digest}.pt"
+    cache = args.work_dir / f"train-candidates-{digest}.pt"
+    if cache.exists():
+        return torch.load(cache)["candidates"]
+    candidates = sample_candidates(base, ids, lr, args.m, derive_seed(args.seed, "train-candidates"))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"candidates": candidates}, cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").replace(cache)
+    return candidates
 
 
 _WORKER: dict = {}
@@ -500,14 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     base = TinyBackend.from_pretrained(model_dir)
     base.num_inference_steps = args.num_inference_steps
 
-    if args.split == "photo-val":
-        train_keep = lambda name: name not in VAL_PHOTOS  # noqa: E731
-        eval_uri, eval_stage, eval_keep = "bundled://train", "mini-photo-val", lambda name: name in VAL_PHOTOS
-    else:
-        train_keep = eval_keep = None
-        eval_uri, eval_stage = (
-            ("bundled://heldout", "mini-eval") if args.split == "heldout" else ("bundled://train", "mini-val")
-        )
+    train_keep, eval_uri, eval_stage, eval_keep = split_sources(args.split)
     train_ids, train_hr, train_lr = degraded_crops(
         "bundled://train", args.train_inputs, args.crop, args.seed, "mini-train", train_keep
     )
@@ -517,15 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["data_s"] = time.time() - t0
 
     t = time.time()
-    cache = candidate_cache(args, base, model_dir, train_lr)
-    if cache.exists():
-        train_cands = torch.load(cache)["candidates"]
-    else:
-        train_cands = sample_candidates(
-            base, train_ids, train_lr, args.m, derive_seed(args.seed, "train-candidates")
-        )
-        torch.save({"candidates": train_cands}, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
+    train_cands = base_candidates(args, base, model_dir, train_ids, train_lr)
     reward_model = RewardModel(args.metrics, RewardConfig(metric_weights=args.metric_weights))
     # the first reward() call fits the normalisation bounds on the base model's training candidates; every
     # evaluation below reuses them

@@ -45,17 +45,12 @@ def main(argv: list[str] | None = None) -> dict:
     mr = _mini_repro()
     cfg = mr.parse_args(["--work-dir", str(args.work_dir)])
     from dp2o.models.tiny import TinyBackend, bundled_weights_dir
-    from dp2o.seeding import derive_seed
 
     ids, hr, lr = mr.degraded_crops("bundled://train", cfg.train_inputs, cfg.crop, cfg.seed, "mini-train")
     model_dir = str(bundled_weights_dir())
     base = TinyBackend.from_pretrained(model_dir)
     base.num_inference_steps = cfg.num_inference_steps
-    cache = mr.candidate_cache(cfg, base, model_dir, lr)
-    if cache.exists():
-        cands = torch.load(cache)["candidates"]
-    else:
-        cands = mr.sample_candidates(base, ids, lr, cfg.m, derive_seed(cfg.seed, "train-candidates"))
+    cands = mr.base_candidates(cfg, base, model_dir, ids, lr)
 
     summary: dict = {"inputs": len(ids), "candidates_per_input": cands.shape[1], "window_px": WINDOW}
     for name in args.metrics:

@@ -231,11 +231,11 @@ def test_every_stage_alone_with_explicit_locations(tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
-def test_missing_model_weights_fail_before_any_stage_runs(tmp_path, capsys):
+def _run_demo_with(root, override: str) -> int:
+    """`dp2o run` of the demo config under `root` with one `--set` override (local orchestrator)."""
     from dp2o.cli import DEMO_CONFIG
 
-    root = tmp_path / "run"
-    rc = main(
+    return main(
         [
             "run",
             "--config",
@@ -245,9 +245,14 @@ def test_missing_model_weights_fail_before_any_stage_runs(tmp_path, capsys):
             "--orchestrator",
             "local",
             "--set",
-            f"sample.backend.model={tmp_path / 'no-such-model'}",
+            override,
         ]
     )
+
+
+def test_missing_model_weights_fail_before_any_stage_runs(tmp_path, capsys):
+    root = tmp_path / "run"
+    rc = _run_demo_with(root, f"sample.backend.model={tmp_path / 'no-such-model'}")
     assert rc == 1
     err = capsys.readouterr().err
     assert "BackendConfig.model" in err and "no-such-model" in err
@@ -255,24 +260,10 @@ def test_missing_model_weights_fail_before_any_stage_runs(tmp_path, capsys):
 
 
 def test_missing_metric_weights_fail_before_any_stage_runs(tmp_path, capsys, monkeypatch):
-    from dp2o.cli import DEMO_CONFIG
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     root = tmp_path / "run"
-    rc = main(
-        [
-            "run",
-            "--config",
-            str(DEMO_CONFIG),
-            "--root",
-            str(root),
-            "--orchestrator",
-            "local",
-            "--set",
-            "score.metrics=[psnr, lpips]",
-        ]
-    )
+    rc = _run_demo_with(root, "score.metrics=[psnr, lpips]")
     assert rc == 1
     assert "lpips" in capsys.readouterr().err
     assert not root.exists()

@@ -38,24 +38,20 @@ TOY = [
 ]  # fmt: skip
 
 
-def test_photo_val_split_keeps_validation_photos_out_of_training(mini_repro):
-    train_names, val_names = [], []
-    mini_repro.degraded_crops(
-        "bundled://train",
-        1,
-        32,
-        0,
-        "t",
-        keep=lambda n: train_names.append(n) or n not in mini_repro.VAL_PHOTOS,
-    )
-    mini_repro.degraded_crops(
-        "bundled://train", 1, 32, 0, "v", keep=lambda n: val_names.append(n) or n in mini_repro.VAL_PHOTOS
-    )
-    assert set(mini_repro.VAL_PHOTOS) <= set(val_names)
-    assert set(train_names) == set(val_names)  # every photo was offered to both filters
-    ids, hr, lr = mini_repro.degraded_crops(
-        "bundled://train", 3, 32, 0, "v", keep=lambda n: n in mini_repro.VAL_PHOTOS
-    )
+@pytest.mark.parametrize("split", ["photo-val", "heldout"])
+def test_tuning_and_heldout_splits_never_evaluate_on_a_training_photo(mini_repro, split):
+    from dp2o.degrade.ingest import list_sources
+
+    train_keep, eval_uri, _, eval_keep = mini_repro.split_sources(split)
+
+    def photos(uri, keep):
+        return {Path(r.relpath).name for r in list_sources(uri) if keep is None or keep(Path(r.relpath).name)}
+
+    train, evaluated = photos("bundled://train", train_keep), photos(eval_uri, eval_keep)
+    assert train and evaluated and not train & evaluated
+    if split == "photo-val":
+        assert evaluated == set(mini_repro.VAL_PHOTOS)
+    ids, hr, lr = mini_repro.degraded_crops(eval_uri, 3, 32, 0, "v", eval_keep)
     assert hr.shape == (3, 3, 32, 32) and lr.shape == (3, 3, 8, 8) and len(set(ids)) == 3
 
 
