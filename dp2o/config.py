@@ -119,10 +119,22 @@ class TrainConfig(_Frozen):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; None = off")
+    timestep_range: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="fractions (lo, hi) of the noise schedule DPO draws training timesteps from; "
+        "(0, 1) = all of it (Diffusion-DPO); see docs/train.md",
+    )
     seed: int = Field(0, description="pair order, timesteps and noise derive from (seed, step)")
     checkpoint_every: int = runtime(default=100, ge=1, description="steps between full-state checkpoints")
     keep_last: int = runtime(default=2, ge=1, description="complete checkpoints kept")
     log_every: int = runtime(default=10, ge=1, description="steps between printed log lines")
+
+    @model_validator(mode="after")
+    def _timestep_range_ordered(self):
+        lo, hi = self.timestep_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"train.timestep_range must satisfy 0 <= lo < hi <= 1, got ({lo}, {hi})")
+        return self
 
 
 class PipelineConfig(_Frozen):

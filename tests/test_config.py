@@ -62,6 +62,12 @@ def test_cross_field_check_pairs_need_candidates():
         load_config(PipelineConfig, None, {"sample": {"num_candidates": 4}, "pairs": {"n_top": 3}})
 
 
+@pytest.mark.parametrize("bad", [(0.5, 0.5), (0.6, 0.2), (-0.1, 1.0), (0.0, 1.5)])
+def test_timestep_range_must_be_an_ordered_part_of_the_schedule(bad):
+    with pytest.raises(ConfigError, match="timestep_range"):
+        load_config(PipelineConfig, None, {"train": {"timestep_range": list(bad)}})
+
+
 def test_crop_must_be_multiple_of_scale():
     with pytest.raises(ValueError, match="multiple"):
         DegradeConfig(crop_size=130)

@@ -111,3 +111,14 @@ def test_training_target_is_the_velocity_at_the_interpolated_point(flux):
     velocity = b._pack(batch.noise - batch.x0)
     assert err_ref.item() == pytest.approx((pred - velocity).pow(2).mean().item(), rel=1e-5)
     assert err_ref.item() != pytest.approx((pred - b._pack(batch.noise)).pow(2).mean().item(), rel=1e-3)
+
+
+def test_timestep_range_squeezes_sigma_and_the_full_range_leaves_it_alone(flux):
+    b = backend(*flux)
+    lr, target = torch.rand(8, 3, 8, 8), torch.rand(8, 3, 32, 32)
+    full = b.make_noised_batch(target, lr, torch.Generator().manual_seed(3))
+    same = b.make_noised_batch(target, lr, torch.Generator().manual_seed(3), t_range=(0.0, 1.0))
+    low = b.make_noised_batch(target, lr, torch.Generator().manual_seed(3), t_range=(0.0, 0.3))
+    assert torch.equal(full.t, same.t)
+    assert low.t.max() <= 0.3 and low.t.min() >= 0.0
+    torch.testing.assert_close(low.t, 0.3 * full.t)

@@ -115,6 +115,18 @@ def test_make_noised_batch_draws_everything_from_the_generator(backend):
         backend.make_noised_batch(target, _lr(3, h=4, w=4), torch.Generator())
 
 
+def test_timestep_range_bounds_t_and_the_full_range_draws_as_before(backend):
+    target, lr = torch.rand(64, 3, 32, 32), _lr(64)
+    full = backend.make_noised_batch(target, lr, torch.Generator().manual_seed(5))
+    explicit = backend.make_noised_batch(target, lr, torch.Generator().manual_seed(5), t_range=(0.0, 1.0))
+    plain = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(full.t, explicit.t) and torch.equal(full.t, plain)
+    high = backend.make_noised_batch(target, lr, torch.Generator().manual_seed(5), t_range=(0.5, 1.0))
+    assert high.t.min() >= 500 and high.t.max() <= 999
+    low = backend.make_noised_batch(target, lr, torch.Generator().manual_seed(5), t_range=(0.0, 0.1))
+    assert low.t.max() < 100
+
+
 def test_save_and_load_trainable_restore_the_policy_but_not_the_reference(tmp_path):
     policy = TinyBackend.from_random(seed=2, unet_config=SMALL_UNET)
     with torch.no_grad():

@@ -9,6 +9,7 @@ tested once and serves every model.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -84,12 +85,15 @@ class Backend(ABC):
         lr: torch.Tensor,
         generator: torch.Generator,
         prompts: Sequence[str] | None = None,
+        t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
         """Encode targets and conditions and draw (t, noise) for a batch.
 
         target: [B, 3, H, W] float in [0, 1], the candidate images (winners and losers)
         lr:     [B, 3, h, w] float in [0, 1]
         generator: CPU generator that supplies every random draw, so training is reproducible
+        t_range: the fractions (lo, hi) of the noise schedule that t is drawn from (`train.timestep_range`);
+            (0, 1) draws exactly as the backend's pretraining does; use `draw_timesteps` for DDPM schedules
         The caller makes winner and loser share t and noise by drawing for the winners and repeating.
         """
 
@@ -115,3 +119,13 @@ class Backend(ABC):
 
     def eval(self) -> None:  # noqa: B027 - optional hook
         """Put the policy in eval mode."""
+
+
+def draw_timesteps(
+    batch: int, num_train_timesteps: int, t_range: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Integer DDPM timesteps, uniform over the fractions `t_range` = (lo, hi) of the schedule: t ∈ [⌊lo·T⌋, ⌈hi·T⌉).
+    (0, 1) is `randint(0, T)`, the same draw as before this option existed."""
+    lo = int(t_range[0] * num_train_timesteps)
+    hi = max(lo + 1, math.ceil(t_range[1] * num_train_timesteps))
+    return torch.randint(lo, hi, (batch,), generator=generator)

@@ -306,6 +306,7 @@ class FluxControlNetBackend(DiffusersBackend):
         lr: torch.Tensor,
         generator: torch.Generator,
         prompts: Sequence[str] | None = None,
+        t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
         """target [B, 3, 4h, 4w] in [0, 1] → latents x₀ [B, C, H/8, W/8]; t = σ [B] (shifted logit-normal); ε."""
         from diffusers.utils.torch_utils import randn_tensor
@@ -320,6 +321,8 @@ class FluxControlNetBackend(DiffusersBackend):
         sigma = torch.sigmoid(torch.randn(batch, generator=generator))
         tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
         sigma = self._sampler.time_shift(self._shift_mu(tokens), 1.0, sigma).float()
+        # train.timestep_range: the same density, squeezed affinely into [lo, hi] (σ is the noise fraction)
+        sigma = t_range[0] + (t_range[1] - t_range[0]) * sigma
         text, pooled = self._text(row_prompts(prompts, self.cfg.prompt, batch))
         cond = FluxCondition(control=self._encode_control(lr, None), text=text, pooled=pooled)
         return NoisedBatch(x0=x0, noise=noise, t=sigma.to(self._device), cond=cond)

@@ -39,7 +39,7 @@ from dp2o.models._hf_common import (
     row_prompts,
     upsample,
 )
-from dp2o.models.base import BackendError, NoisedBatch
+from dp2o.models.base import BackendError, NoisedBatch, draw_timesteps
 from dp2o.models.config import BackendConfig
 from dp2o.train.losses import per_sample_mse
 
@@ -253,6 +253,7 @@ class SD2ControlNetBackend(DiffusersBackend):
         lr: torch.Tensor,
         generator: torch.Generator,
         prompts: Sequence[str] | None = None,
+        t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
         """target [B, 3, 4h, 4w] in [0, 1] → VAE latents; t uniform over the 1000 training steps; ε ~ N(0, I)."""
         from diffusers.utils.torch_utils import randn_tensor
@@ -264,7 +265,7 @@ class SD2ControlNetBackend(DiffusersBackend):
         posterior = self.vae.encode(pixels).latent_dist
         x0 = (posterior.sample(generator=generator) * self.vae.config.scaling_factor).float()
         noise = randn_tensor(x0.shape, generator=generator, device=self._device, dtype=torch.float32)
-        t = torch.randint(0, self._noiser.config.num_train_timesteps, (batch,), generator=generator)
+        t = draw_timesteps(batch, self._noiser.config.num_train_timesteps, t_range, generator)
         (text,) = self._text(row_prompts(prompts, self.cfg.prompt, batch))
         control = upsample(lr, self.scale).to(self._device, self._dtype)
         return NoisedBatch(

@@ -36,7 +36,7 @@ from dp2o.models._hf_common import (
     row_generators,
     row_prompts,
 )
-from dp2o.models.base import NoisedBatch
+from dp2o.models.base import NoisedBatch, draw_timesteps
 from dp2o.models.config import BackendConfig
 from dp2o.seeding import derive_seed, torch_generator
 from dp2o.train.losses import per_sample_mse
@@ -216,6 +216,7 @@ class SDUpscalerBackend(DiffusersBackend):
         lr: torch.Tensor,
         generator: torch.Generator,
         prompts: Sequence[str] | None = None,
+        t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
         """target [B, 3, 4h, 4w] in [0, 1] → VAE latents [B, 4, h, w]; t uniform over training steps; LR noised."""
         from diffusers.utils.torch_utils import randn_tensor
@@ -227,7 +228,7 @@ class SDUpscalerBackend(DiffusersBackend):
         posterior = self.vae.encode(pixels).latent_dist
         x0 = (posterior.sample(generator=generator) * self.vae.config.scaling_factor).float()
         noise = randn_tensor(x0.shape, generator=generator, device=self._device, dtype=torch.float32)
-        t = torch.randint(0, self._noiser.config.num_train_timesteps, (batch,), generator=generator)
+        t = draw_timesteps(batch, self._noiser.config.num_train_timesteps, t_range, generator)
         image, level = self._noised_lr(lr, _content_generators(lr, generator))
         (text,) = self._text(row_prompts(prompts, self.cfg.prompt, batch))
         cond = UpscalerCondition(image=image, noise_level=level, text=text)

@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from dp2o.devices import resolve_device
-from dp2o.models.base import Backend, BackendError, NoisedBatch
+from dp2o.models.base import Backend, BackendError, NoisedBatch, draw_timesteps
 from dp2o.models.config import BackendConfig
 
 #: file at the top of a tiny-sr folder that marks it and records what the UNet folder alone does not say
@@ -246,6 +246,7 @@ class TinyBackend(Backend):
         lr: torch.Tensor,
         generator: torch.Generator,
         prompts: Sequence[str] | None = None,
+        t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
         """target [B, 3, 4h, 4w] and lr [B, 3, h, w], float in [0, 1]; t ~ U{0..999}, noise ~ N(0, 1), both
         drawn from `generator` (a CPU generator) so training does not depend on the device."""
@@ -260,7 +261,7 @@ class TinyBackend(Backend):
             )
         cond = self._bicubic_up(lr)
         x0 = _to_signed(target.to(self._device, torch.float32)) - cond
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=generator)
+        t = draw_timesteps(x0.shape[0], NUM_TRAIN_TIMESTEPS, t_range, generator)
         noise = torch.randn(x0.shape, generator=generator)
         return NoisedBatch(x0=x0, noise=noise.to(self._device), t=t.to(self._device), cond=cond)
 

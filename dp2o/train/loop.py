@@ -211,7 +211,12 @@ def train_dpo(
             targets = torch.cat([images.candidates(ids, win[sel]), images.candidates(ids, lose[sel])])
             lr = images.lr(ids)
             gen = torch_generator(derive_seed(cfg.seed, "train", step, mb))
-            batch = share_noise(backend.make_noised_batch(targets, torch.cat([lr, lr]), gen), n)
+            batch = share_noise(
+                backend.make_noised_batch(
+                    targets, torch.cat([lr, lr]), gen, t_range=tuple(cfg.timestep_range)
+                ),
+                n,
+            )
             err, err_ref = backend.prediction_errors(batch)
             w = torch.from_numpy(weight[sel]).to(err.device)
             loss, logs = dpo_loss(err[:n], err_ref[:n], err[n:], err_ref[n:], beta=beta, weight=w)
