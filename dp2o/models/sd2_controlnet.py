@@ -255,7 +255,7 @@ class SD2ControlNetBackend(DiffusersBackend):
         prompts: Sequence[str] | None = None,
         t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
-        """target [B, 3, 4h, 4w] in [0, 1] → VAE latents; t uniform over the 1000 training steps; ε ~ N(0, I)."""
+        """target [B, 3, 4h, 4w] in [0, 1] → VAE latents; t uniform over `t_range` of the 1000 training steps; ε ~ N(0, I)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         check_lr(lr, self._vae_scale, self.scale)

@@ -218,7 +218,7 @@ class SDUpscalerBackend(DiffusersBackend):
         prompts: Sequence[str] | None = None,
         t_range: tuple[float, float] = (0.0, 1.0),
     ) -> NoisedBatch:
-        """target [B, 3, 4h, 4w] in [0, 1] → VAE latents [B, 4, h, w]; t uniform over training steps; LR noised."""
+        """target [B, 3, 4h, 4w] in [0, 1] → VAE latents [B, 4, h, w]; t uniform over `t_range` of the steps; LR noised."""
         from diffusers.utils.torch_utils import randn_tensor
 
         check_lr(lr, 1, 1)
