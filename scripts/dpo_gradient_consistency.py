@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mini_repro  # noqa: E402
 
 from dp2o.evaluate.scoring import RewardModel  # noqa: E402
-from dp2o.models.tiny import TinyBackend, bundled_weights_dir  # noqa: E402
 from dp2o.pairs.build import build_pairs  # noqa: E402
 from dp2o.reward.hybrid import RewardConfig  # noqa: E402
 from dp2o.seeding import derive_seed, numpy_rng  # noqa: E402
@@ -69,13 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     own = p.parse_args(argv)
     torch.set_num_threads(own.threads)
     args = mini_repro.parse_args([])
-    model_dir = str(bundled_weights_dir())
-    base = TinyBackend.from_pretrained(model_dir)
-    base.num_inference_steps = args.num_inference_steps
-    ids, hr, lr = mini_repro.degraded_crops(
-        "bundled://train", args.train_inputs, args.crop, args.seed, "mini-train"
-    )
-    cands = mini_repro.base_candidates(args, base, model_dir, ids, lr)
+    base, _, ids, hr, lr, cands = mini_repro.training_candidates(args)
     rm = RewardModel(args.metrics, RewardConfig())
     rewards = rm.reward(rm.raw(ids, cands, hr))
     pairs, _ = build_pairs(

@@ -484,6 +484,20 @@ def base_candidates(
     return candidates
 
 
+def training_candidates(args, train_keep=None):
+    """The base model and its training data: (base, model_dir, ids, hr uint8, lr uint8, candidates [n, M, ...]).
+
+    Crops of `bundled://train` (photos filtered by `train_keep`, default all) and the base model's cached
+    candidates (`base_candidates`); shared by this script and the diagnostics next to it."""
+    model_dir = args.model or str(bundled_weights_dir())
+    base = TinyBackend.from_pretrained(model_dir)
+    base.num_inference_steps = args.num_inference_steps
+    ids, hr, lr = degraded_crops(
+        "bundled://train", args.train_inputs, args.crop, args.seed, "mini-train", train_keep
+    )
+    return base, model_dir, ids, hr, lr, base_candidates(args, base, model_dir, ids, lr)
+
+
 _WORKER: dict = {}
 
 
@@ -537,21 +551,14 @@ def main(argv: list[str] | None = None) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     timings: dict[str, float] = {}
-    model_dir = args.model or str(bundled_weights_dir())
-    base = TinyBackend.from_pretrained(model_dir)
-    base.num_inference_steps = args.num_inference_steps
-
     train_keep, eval_uri, eval_stage, eval_keep = split_sources(args.split)
-    train_ids, train_hr, train_lr = degraded_crops(
-        "bundled://train", args.train_inputs, args.crop, args.seed, "mini-train", train_keep
-    )
     eval_ids, eval_hr, eval_lr = degraded_crops(
         eval_uri, args.eval_inputs, args.crop, args.seed, eval_stage, eval_keep
     )
     timings["data_s"] = time.time() - t0
 
     t = time.time()
-    train_cands = base_candidates(args, base, model_dir, train_ids, train_lr)
+    base, model_dir, train_ids, train_hr, train_lr, train_cands = training_candidates(args, train_keep)
     reward_model = RewardModel(args.metrics, RewardConfig(metric_weights=args.metric_weights))
     # the first reward() call fits the normalisation bounds on the base model's training candidates; every
     # evaluation below reuses them

@@ -44,13 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     mr = _mini_repro()
     cfg = mr.parse_args(["--work-dir", str(args.work_dir)])
-    from dp2o.models.tiny import TinyBackend, bundled_weights_dir
-
-    ids, hr, lr = mr.degraded_crops("bundled://train", cfg.train_inputs, cfg.crop, cfg.seed, "mini-train")
-    model_dir = str(bundled_weights_dir())
-    base = TinyBackend.from_pretrained(model_dir)
-    base.num_inference_steps = cfg.num_inference_steps
-    cands = mr.base_candidates(cfg, base, model_dir, ids, lr)
+    _, _, ids, hr, _, cands = mr.training_candidates(cfg)
 
     summary: dict = {"inputs": len(ids), "candidates_per_input": cands.shape[1], "window_px": WINDOW}
     for name in args.metrics:

@@ -155,3 +155,35 @@ def test_bundled_weights_load_by_default_and_give_finite_images():
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     size = sum(f.stat().st_size for f in bundled_weights_dir().rglob("*.safetensors"))
     assert size <= 10 * 2**20
+
+
+def test_train_loop_draws_timesteps_from_the_configured_range(tmp_path):
+    import pyarrow as pa
+
+    from dp2o.config import TrainConfig
+    from dp2o.io import Storage
+    from dp2o.train.loop import train_dpo
+
+    backend = TinyBackend.from_random(seed=3, unet_config=SMALL_UNET)
+    drawn = []
+    make = backend.make_noised_batch
+
+    def spy(*args, **kwargs):
+        batch = make(*args, **kwargs)
+        drawn.append(batch.t)
+        return batch
+
+    backend.make_noised_batch = spy
+
+    class Images:
+        def candidates(self, sample_ids, candidate_ids):
+            return torch.stack([torch.full((3, 32, 32), 0.1 * (int(c) + 1)) for c in candidate_ids])
+
+        def lr(self, sample_ids):
+            return _lr(len(sample_ids))
+
+    pairs = pa.table({"sample_id": ["a", "b"], "win": [0, 1], "lose": [2, 3]})
+    cfg = TrainConfig(steps=3, pairs_per_step=2, micro_batch=2, timestep_range=(0.9, 1.0), checkpoint_every=3)
+    train_dpo(backend, pairs, Images(), cfg, Storage(str(tmp_path / "run")), log=lambda _: None)
+    t = torch.cat(drawn)
+    assert len(drawn) == 3 and t.min() >= 900 and t.max() <= 999

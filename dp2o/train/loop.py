@@ -212,9 +212,7 @@ def train_dpo(
             lr = images.lr(ids)
             gen = torch_generator(derive_seed(cfg.seed, "train", step, mb))
             batch = share_noise(
-                backend.make_noised_batch(
-                    targets, torch.cat([lr, lr]), gen, t_range=tuple(cfg.timestep_range)
-                ),
+                backend.make_noised_batch(targets, torch.cat([lr, lr]), gen, t_range=cfg.timestep_range),
                 n,
             )
             err, err_ref = backend.prediction_errors(batch)
