@@ -60,7 +60,6 @@ VAL_PHOTOS = ("chelsea.png", "motorcycle_left.png")
 SPLIT_WORDS = {
     "heldout": "`bundled://heldout`",
     "train-val": "`bundled://train` (unseen crops of the training photos: tuning split)",
-    "photo-val": f"{', '.join(VAL_PHOTOS)} (left out of training: tuning split)",
 }
 
 PRESETS: dict[str, dict] = {
@@ -117,6 +116,23 @@ def methods_for(m: int) -> list[Method]:
     return out
 
 
+def all_methods(args) -> list[Method]:
+    """The recipes of an invocation: `--methods` if given, else the shipped comparison at `--m`."""
+    return list(args.methods) if args.methods else methods_for(args.m)
+
+
+def parse_method(spec: str) -> Method:
+    """`M:N:weighting` (e.g. `32:8:hpo`) → a Method named `m32-n8-hpo`."""
+    try:
+        m, n, weighting = spec.split(":")
+        method = Method(f"m{int(m)}-n{int(n)}-{weighting}", int(m), int(n), weighting)
+    except ValueError:
+        raise ValueError(f"--methods takes M:N:WEIGHTING items such as 32:8:hpo, got {spec!r}") from None
+    if weighting not in ("hpo", "uniform") or not 1 <= method.n_top <= method.m // 2:
+        raise ValueError(f"--methods {spec!r}: need 1 <= N <= M/2 and a weighting of hpo or uniform")
+    return method
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -152,6 +168,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=64, help="HR crop side (multiple of 8)")
     p.add_argument("--num-inference-steps", type=int, default=10, help="DDIM steps when sampling")
     p.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="M:N:WEIGHTING",
+        help="run these recipes instead of the shipped comparison, e.g. 16:1:uniform 32:8:hpo (named m32-n8-hpo; "
+        "all get --seeds seeds; M defaults to the largest M named)",
+    )
+    p.add_argument(
+        "--val-photos",
+        nargs="+",
+        default=list(VAL_PHOTOS),
+        metavar="NAME",
+        help="photos of bundled://train that --split photo-val leaves out of training and evaluates on",
+    )
     p.add_argument(
         "--metrics",
         default=DEFAULT_METRICS,
@@ -196,6 +227,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.metric_weights = {k: float(v) for k, v in (item.split("=", 1) for item in args.metric_weights)}
     except ValueError:
         p.error(f"--metric-weights takes NAME=WEIGHT items, got {args.metric_weights}")
+    if args.methods:
+        try:
+            args.methods = [parse_method(spec) for spec in args.methods]
+        except ValueError as e:
+            p.error(str(e))
+        largest = max(m.m for m in args.methods)
+        if args.m is not None and args.m < largest:
+            p.error(f"--m {args.m} is smaller than the M={largest} that --methods asks for")
+        args.m = args.m or largest
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -241,19 +281,27 @@ def degraded_crops(
     )
 
 
-def split_sources(split: str):
+def split_sources(split: str, val_photos: tuple[str, ...] = VAL_PHOTOS):
     """(train photo filter, eval URI, eval crop stage, eval photo filter) of a `--split`; a filter of None keeps
-    every photo. Training always uses `bundled://train`."""
+    every photo. Training always uses `bundled://train`; `photo-val` leaves `val_photos` out of it."""
     if split == "photo-val":
+        val = tuple(val_photos)
         return (
-            (lambda n: n not in VAL_PHOTOS),
+            (lambda n: n not in val),
             "bundled://train",
             "mini-photo-val",
-            (lambda n: n in VAL_PHOTOS),
+            (lambda n: n in val),
         )
     if split == "train-val":
         return None, "bundled://train", "mini-val", None
     return None, "bundled://heldout", "mini-eval", None
+
+
+def split_words(args) -> str:
+    """What the report says the evaluation crops are."""
+    if args.split == "photo-val":
+        return f"{', '.join(args.val_photos)} (left out of training: tuning split)"
+    return SPLIT_WORDS[args.split]
 
 
 def candidate_seed(seed: int, sample_id: str, candidate: int) -> int:
@@ -420,7 +468,7 @@ def write_report(
         f"    {command}",
         "",
         f"Training inputs: {args.train_inputs} crops ({args.crop} px HR) of `bundled://train`, M={args.m} candidates "
-        f"each. Evaluation: {args.eval_inputs} crops of {SPLIT_WORDS[args.split]}, M_eval={args.m_eval} candidates each "
+        f"each. Evaluation: {args.eval_inputs} crops of {split_words(args)}, M_eval={args.m_eval} candidates each "
         f"with the same seeds for every method. DPO: {args.steps} steps × {args.pairs_per_step} pairs, "
         f"lr {args.learning_rate:g} (linear warm-up {args.warmup_steps} steps), β {args.beta:g}, training "
         f"timesteps from the fraction {args.t_range[0]:g}–{args.t_range[1]:g} of the noise schedule, "
@@ -551,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     timings: dict[str, float] = {}
-    train_keep, eval_uri, eval_stage, eval_keep = split_sources(args.split)
+    train_keep, eval_uri, eval_stage, eval_keep = split_sources(args.split, tuple(args.val_photos))
     eval_ids, eval_hr, eval_lr = degraded_crops(
         eval_uri, args.eval_inputs, args.crop, args.seed, eval_stage, eval_keep
     )
@@ -578,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     t = time.time()
-    methods = [m for m in methods_for(args.m) if args.only is None or m.name in args.only]
+    methods = [m for m in all_methods(args) if args.only is None or m.name in args.only]
     evals = [_tag(evaluate(args, base, data, reward_model), "base", -1)]
     timings["eval_base_s"] = time.time() - t
     jobs = [
@@ -680,7 +728,7 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
         names += table["method"].to_pylist()
         for k, v in record["timings_s"].items():
             timings[k] = timings.get(k, 0.0) + v
-    methods = [m for m in methods_for(args.m) if m.name in names]
+    methods = [m for m in all_methods(args) if m.name in names]
     return pa.concat_tables(tables), methods, timings, runs_info
 
 
@@ -738,7 +786,12 @@ def report(
         "paired": paired,
     }
     (args.plot_dir / "results.json").write_text(
-        json.dumps(record, indent=2, default=lambda o: str(o) if isinstance(o, Path) else float(o)) + "\n"
+        json.dumps(
+            record,
+            indent=2,
+            default=lambda o: float(o) if isinstance(o, (np.floating, np.integer)) else str(o),
+        )
+        + "\n"
     )
     all_evals.to_pandas().to_csv(args.plot_dir / "eval_rewards.csv", index=False)
     print(markdown_table(summary))

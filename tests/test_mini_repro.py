@@ -97,3 +97,95 @@ def test_toy_run_writes_report_and_the_run_pool_matches_in_process_runs(mini_rep
     assert [r["eval_mean"] for r in alone["runs"]] == pytest.approx(
         [r["eval_mean"] for r in pooled["runs"]], abs=1e-4
     )
+
+
+def test_methods_option_names_recipes_and_sets_m_to_the_largest(mini_repro):
+    args = mini_repro.parse_args(["--methods", "16:1:uniform", "32:8:hpo"])
+    assert [(m.name, m.m, m.n_top, m.weighting) for m in args.methods] == [
+        ("m16-n1-uniform", 16, 1, "uniform"),
+        ("m32-n8-hpo", 32, 8, "hpo"),
+    ]
+    assert args.m == 32 and mini_repro.all_methods(args) == args.methods
+    for bad in (["--methods", "32:17:hpo"], ["--methods", "16:4:softmax"], ["--methods", "16-4-hpo"]):
+        with pytest.raises(SystemExit):
+            mini_repro.parse_args(bad)
+    with pytest.raises(SystemExit):  # candidates of --m 8 cannot feed an M=16 recipe
+        mini_repro.parse_args(["--m", "8", "--methods", "16:4:hpo"])
+
+
+def test_photo_val_leaves_out_exactly_the_photos_asked_for(mini_repro):
+    train_keep, uri, _, eval_keep = mini_repro.split_sources("photo-val", ("astronaut.png", "retina.jpg"))
+    assert uri == "bundled://train"
+    assert eval_keep("astronaut.png") and eval_keep("retina.jpg") and not eval_keep("chelsea.png")
+    assert not train_keep("astronaut.png") and not train_keep("retina.jpg") and train_keep("chelsea.png")
+
+
+@pytest.fixture(scope="module")
+def mini_repro_cv(mini_repro):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        yield importlib.import_module("mini_repro_cv")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def _evals(rows):
+    """eval_rewards-like table: (method, train_seed, sample_id, reward) rows."""
+    import pyarrow as pa
+
+    method, seed, sample, reward = zip(*rows, strict=True)
+    return pa.table(
+        {"method": list(method), "train_seed": list(seed), "sample_id": list(sample), "reward": list(reward)}
+    )
+
+
+def test_cv_differences_are_per_seed_minus_base_then_averaged_over_folds(mini_repro_cv):
+    import pyarrow as pa
+
+    base = [("base", -1, "a", 0.5), ("base", -1, "a", 0.3), ("base", -1, "b", 0.4), ("base", -1, "b", 0.2)]
+    fold1 = mini_repro_cv.fold_differences(
+        _evals(
+            [*base, *[("x", 0, s, r + 0.1) for _, _, s, r in base], *[("x", 1, s, r) for _, _, s, r in base]]
+        ),
+        "f1",
+    )
+    got = {(r["method"], r["train_seed"]): r for r in fold1.to_pylist()}
+    # Mean@M: mean over inputs of the mean over candidates; base = 0.35
+    assert got[("x", 0)]["mean"] == pytest.approx(0.1) and got[("x", 1)]["mean"] == pytest.approx(0.0)
+    # Best@M: mean over inputs of the best candidate; base = (0.5 + 0.4) / 2
+    assert got[("x", 0)]["best"] == pytest.approx(0.1) and got[("x", 0)]["worst"] == pytest.approx(0.1)
+    fold2 = pa.Table.from_pylist(
+        [
+            {"fold": "f2", "method": "x", "train_seed": 0, "best": 0.3, "mean": 0.3, "worst": 0.3},
+            {"fold": "f2", "method": "x", "train_seed": 1, "best": 0.0, "mean": 0.2, "worst": 0.0},
+        ]
+    )
+    extra = pa.Table.from_pylist(
+        [{"fold": "f2", "method": "x", "train_seed": 2, "best": 9.0, "mean": 9.0, "worst": 9.0}]
+    )
+    pooled = mini_repro_cv.average_over_folds(pa.concat_tables([fold1, fold2, extra]))
+    by_seed = {r["train_seed"]: r["mean"] for r in pooled.to_pylist()}
+    # seed 2 is missing from fold f1, so it does not count
+    assert by_seed == pytest.approx({0: 0.2, 1: 0.1})
+
+
+def test_cv_toy_run_reports_and_resumes_without_rerunning(mini_repro_cv, tmp_path, monkeypatch):
+    argv = [
+        "--cv-dir", str(tmp_path / "cv"), "--folds", "chelsea.png", "astronaut.png+retina.jpg",
+        *TOY, "--methods", "4:1:uniform", "--jobs", "1", "--work-dir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    pooled = mini_repro_cv.main(argv)
+    assert pooled["method"].to_pylist() == ["m4-n1-uniform"] and pooled["seeds"].to_pylist() == [2]
+    text = (tmp_path / "cv" / "cv.md").read_text()
+    assert (
+        "| chelsea.png | m4-n1-uniform | 2 |" in text and "| astronaut.png+retina.jpg | m4-n1-uniform" in text
+    )
+
+    def fail(argv):
+        raise AssertionError(f"fold rerun: {argv}")
+
+    monkeypatch.setattr(mini_repro_cv.mini_repro, "main", fail)
+    again = mini_repro_cv.main(argv)
+    assert again.to_pylist() == pooled.to_pylist()
+    with pytest.raises(SystemExit):  # the folds' split is the script's own
+        mini_repro_cv.main([*argv, "--split", "heldout"])
