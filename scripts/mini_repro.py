@@ -177,6 +177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "all get --seeds seeds; M defaults to the largest M named)",
     )
     p.add_argument(
+        "--train-normalization",
+        choices=["dataset", "group"],
+        default="dataset",
+        help="min–max pool of the reward that ranks and weighs training pairs (evaluation always uses the "
+        "frozen dataset scale)",
+    )
+    p.add_argument(
         "--val-photos",
         nargs="+",
         default=list(VAL_PHOTOS),
@@ -245,6 +252,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
+def photo_refs(uri: str, keep=None) -> list:
+    """The photos of `uri` that `keep(name)` selects (default all), in the order crops cycle through them."""
+    return [r for r in list_sources(uri) if keep is None or keep(Path(r.relpath).name)]
+
+
+def crop_photos(uri: str, n: int, stage: str, keep=None) -> dict[str, str]:
+    """Crop id → photo file name, for the n crops `degraded_crops(uri, n, ..., stage, keep)` makes."""
+    names = [Path(r.relpath).name for r in photo_refs(uri, keep)]
+    return {f"{stage}-{i:04d}": names[i % len(names)] for i in range(n)}
+
+
 def degraded_crops(
     uri: str, n: int, crop: int, seed: int, stage: str, keep=None
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -260,8 +278,7 @@ def degraded_crops(
     big = crop
     while big < min_hr_side(cfg) or (big - crop) % (2 * cfg.scale):
         big += cfg.scale
-    refs = [r for r in list_sources(uri) if keep is None or keep(Path(r.relpath).name)]
-    photos = [load_hr(ref, min_size=big) for ref in refs]
+    photos = [load_hr(ref, min_size=big) for ref in photo_refs(uri, keep)]
     ids, hrs, params = [], [], []
     for i in range(n):
         k = i % len(photos)
@@ -459,6 +476,7 @@ def write_report(
     plot_rel: str,
     command: str,
     runs_info: list[dict],
+    by_photo: pa.Table | None = None,
 ) -> None:
     lines = [
         "# Miniature reproduction (tiny model, CPU)",
@@ -476,7 +494,13 @@ def write_report(
         f"training seeds per main method and {args.sweep_seeds} per sweep method (column `seeds`). "
         f"Reward: the hybrid reward of `{args.metrics}`"
         + (f" with metric weights {args.metric_weights}" if args.metric_weights else "")
-        + ", normalisation bounds fitted on the base model's training candidates and frozen. Intervals: 95 % Student-t over training seeds.",
+        + ", normalisation bounds fitted on the base model's training candidates and frozen"
+        + (
+            "; training pairs are ranked and weighted by the same metrics normalised per group of M candidates"
+            if args.train_normalization == "group"
+            else ""
+        )
+        + ". Intervals: 95 % Student-t over training seeds.",
         "",
         "## Held-out reward per method",
         "",
@@ -487,6 +511,18 @@ def write_report(
         "## Paired ablations (same training seeds)",
         "",
         markdown_table(paired, label_columns=("comparison",)),
+        *(
+            [
+                "## Difference to the base model per evaluation photo",
+                "",
+                "The same differences on the crops of one photo at a time (95 % intervals over training seeds; "
+                "with this few photos, none over photos).",
+                "",
+                markdown_table(by_photo, label_columns=("photo", "method")),
+            ]
+            if by_photo is not None
+            else []
+        ),
         "## Verdicts (does the 95 % interval of the difference exclude zero?)",
         "",
         *[f"- {line}" for line in verdicts(diffs, "method", " vs base")],
@@ -544,6 +580,17 @@ def training_candidates(args, train_keep=None):
         "bundled://train", args.train_inputs, args.crop, args.seed, "mini-train", train_keep
     )
     return base, model_dir, ids, hr, lr, base_candidates(args, base, model_dir, ids, lr)
+
+
+def training_rewards(raw: pa.Table, reward_model: RewardModel, args) -> pa.Table:
+    """`raw` plus the reward that ranks and weighs the training pairs under `--train-normalization group`: each
+    metric min–max normalised over the M candidates of its own input (the reward stage's
+    `normalization: group`). Evaluation keeps the frozen dataset scale either way."""
+    from dp2o.reward.hybrid import compute_reward
+
+    cfg = RewardConfig(normalization="group", metric_weights=args.metric_weights)
+    reward, _ = compute_reward(raw, reward_model.specs, cfg)
+    return raw.append_column("reward", pa.array(np.asarray(reward, dtype=np.float64)))
 
 
 _WORKER: dict = {}
@@ -610,7 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     reward_model = RewardModel(args.metrics, RewardConfig(metric_weights=args.metric_weights))
     # the first reward() call fits the normalisation bounds on the base model's training candidates; every
     # evaluation below reuses them
-    rewards = reward_model.reward(reward_model.raw(train_ids, train_cands, train_hr))
+    raw_train = reward_model.raw(train_ids, train_cands, train_hr)
+    rewards = reward_model.reward(raw_train)
+    if args.train_normalization == "group":
+        rewards = training_rewards(raw_train, reward_model, args)
     timings["train_candidates_s"] = time.time() - t
     data = dict(
         train_ids=train_ids,
@@ -716,6 +766,8 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
                 "seed",
                 "metrics",
                 "metric_weights",
+                "train_normalization",
+                "val_photos",
             ):
                 setattr(args, key, record["args"].get(key, getattr(args, key)))
         elif not np.allclose(np.asarray(this_base["reward"]), np.asarray(base["reward"])):
@@ -730,6 +782,22 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
             timings[k] = timings.get(k, 0.0) + v
     methods = [m for m in all_methods(args) if m.name in names]
     return pa.concat_tables(tables), methods, timings, runs_info
+
+
+def per_photo_differences(evals: pa.Table, photo_of: dict[str, str]) -> pa.Table:
+    """Run − base per evaluation photo (rows photo, method, ...): how much of a method's effect each photo
+    carries. The intervals are over training seeds only; photos are too few for an interval over photos."""
+    out = []
+    for photo in dict.fromkeys(photo_of.values()):
+        ids = pa.array([i for i, p in photo_of.items() if p == photo])
+        sub = evals.filter(pc.is_in(evals["sample_id"], value_set=ids))
+        runs = run_at_m(
+            per_input_at_m(sub, group_by=("method", "train_seed")), group_by=("method", "train_seed")
+        )
+        is_base = pc.equal(runs["method"], "base")
+        diffs = difference_vs(runs.filter(pc.invert(is_base)), runs.filter(is_base))
+        out.append(diffs.add_column(0, "photo", pa.array([photo] * diffs.num_rows)))
+    return pa.concat_tables(out)
 
 
 def report(
@@ -758,6 +826,11 @@ def report(
         else summary.slice(0, 0).rename_columns(["comparison", *summary.column_names[1:]])
     )
 
+    _, eval_uri, eval_stage, eval_keep = split_sources(args.split, tuple(args.val_photos))
+    by_photo = per_photo_differences(
+        all_evals, crop_photos(eval_uri, args.eval_inputs, eval_stage, eval_keep)
+    )
+
     plot_path = args.plot_dir / "at_m.png"
     plot(
         summary,
@@ -776,6 +849,7 @@ def report(
         os.path.relpath(plot_path, args.out.parent),
         command,
         runs_info,
+        by_photo,
     )
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -784,6 +858,7 @@ def report(
         "summary": summary.to_pylist(),
         "diff_vs_base": diffs.to_pylist(),
         "paired": paired,
+        "diff_vs_base_per_photo": by_photo.to_pylist(),
     }
     (args.plot_dir / "results.json").write_text(
         json.dumps(

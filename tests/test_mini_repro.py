@@ -81,6 +81,11 @@ def _toy_run(mini_repro, folder: Path, jobs: str) -> dict:
     )
     text = out.read_text()
     assert "| dp2o-multi-uniform | 2 |" in text and "## Verdicts" in text
+    # TOY's 2 held-out crops come one from each held-out photo
+    assert (
+        "| coffee.png | dp2o-multi-uniform | 2 |" in text
+        and "| rocket.jpg | dp2o-multi-uniform | 2 |" in text
+    )
     assert (plots / "at_m.png").stat().st_size > 0
     return json.loads((plots / "results.json").read_text())
 
@@ -189,3 +194,27 @@ def test_cv_toy_run_reports_and_resumes_without_rerunning(mini_repro_cv, tmp_pat
     assert again.to_pylist() == pooled.to_pylist()
     with pytest.raises(SystemExit):  # the folds' split is the script's own
         mini_repro_cv.main([*argv, "--split", "heldout"])
+
+
+def test_group_normalised_training_reward_spans_each_group(mini_repro):
+    """`--train-normalization group`: candidates are ranked within their own input's range, whatever the scale
+    of that input, while the evaluation model keeps its dataset bounds."""
+    import pyarrow as pa
+
+    from dp2o.evaluate.scoring import RewardModel
+
+    args = mini_repro.parse_args([*TOY, "--train-normalization", "group", "--metrics", "psnr,entropy"])
+    model = RewardModel(args.metrics)
+    raw = pa.table(
+        {
+            "sample_id": ["a", "a", "a", "b", "b", "b"],
+            "candidate": [0, 1, 2, 0, 1, 2],
+            "psnr": [20.0, 21.0, 22.0, 30.0, 30.5, 31.0],
+            "entropy": [5.0, 5.5, 6.0, 7.0, 7.1, 7.2],
+        }
+    )
+    dataset = model.reward(raw)["reward"].to_pylist()
+    group = mini_repro.training_rewards(raw, model, args)["reward"].to_pylist()
+    assert group == pytest.approx([0.0, 0.5, 1.0, 0.0, 0.5, 1.0])
+    assert max(dataset[:3]) < 0.5 < min(dataset[3:])  # on the dataset scale input b is above input a
+    assert model.bounds is not None  # fitted by the dataset call, untouched by the training reward
