@@ -638,7 +638,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = "python scripts/mini_repro.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.merge:
-        all_evals, methods, timings, runs_info = merge(args)
+        all_evals, methods, timings, runs_info, commands = merge(args)
+        if len(commands) == 1:  # one invocation's outputs, re-reported: name the command that computed them
+            command = f"{commands[0]}\n\n(report rebuilt from its saved outputs by `{command.strip()}`)"
         report(args, all_evals, methods, timings, runs_info, command.strip())
         return
     # the shared steps before the run pool starts (base candidates, base evaluation) use every job's threads
@@ -728,12 +730,12 @@ def main(argv: list[str] | None = None) -> None:
     report(args, pa.concat_tables(evals), methods, timings, runs_info, command.strip())
 
 
-def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[dict]]:
+def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[dict], list[str]]:
     """Combine the outputs (`eval_rewards.csv`, `results.json`) of invocations that ran disjoint `--only`
     method sets in parallel. Their base-model rows must agree: same model, inputs and seeds."""
     from pyarrow import csv
 
-    tables, runs_info, timings, names = [], [], {}, []
+    tables, runs_info, timings, names, commands = [], [], {}, [], []
     base = None
     for i, folder in enumerate(args.merge):
         table = csv.read_csv(folder / "eval_rewards.csv")
@@ -777,11 +779,12 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
             )
         tables.append(table if i == 0 else table.filter(pc.invert(is_base)))
         runs_info += record["runs"]
+        commands += [record["command"]] if "command" in record else []
         names += table["method"].to_pylist()
         for k, v in record["timings_s"].items():
             timings[k] = timings.get(k, 0.0) + v
     methods = [m for m in all_methods(args) if m.name in names]
-    return pa.concat_tables(tables), methods, timings, runs_info
+    return pa.concat_tables(tables), methods, timings, runs_info, commands
 
 
 def per_photo_differences(evals: pa.Table, photo_of: dict[str, str]) -> pa.Table:
@@ -853,6 +856,7 @@ def report(
     )
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": command.split("\n")[0],
         "timings_s": timings,
         "runs": runs_info,
         "summary": summary.to_pylist(),

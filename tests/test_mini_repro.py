@@ -102,6 +102,22 @@ def test_toy_run_writes_report_and_the_run_pool_matches_in_process_runs(mini_rep
     assert [r["eval_mean"] for r in alone["runs"]] == pytest.approx(
         [r["eval_mean"] for r in pooled["runs"]], abs=1e-4
     )
+    # a report rebuilt from one invocation's saved outputs has its numbers and names the command that ran it
+    rebuilt = tmp_path / "rebuilt"
+    mini_repro.main(
+        [
+            "--merge",
+            str(tmp_path / "one" / "plots"),
+            "--out",
+            str(rebuilt / "r.md"),
+            "--plot-dir",
+            str(rebuilt),
+        ]
+    )
+    again = json.loads((rebuilt / "results.json").read_text())
+    assert again["summary"] == alone["summary"] and again["command"] == alone["command"]
+    assert alone["command"].startswith("python scripts/mini_repro.py --preset smoke")
+    assert "report rebuilt from its saved outputs" in (rebuilt / "r.md").read_text()
 
 
 def test_methods_option_names_recipes_and_sets_m_to_the_largest(mini_repro):
