@@ -234,3 +234,22 @@ def test_group_normalised_training_reward_spans_each_group(mini_repro):
     assert group == pytest.approx([0.0, 0.5, 1.0, 0.0, 0.5, 1.0])
     assert max(dataset[:3]) < 0.5 < min(dataset[3:])  # on the dataset scale input b is above input a
     assert model.bounds is not None  # fitted by the dataset call, untouched by the training reward
+
+
+def test_heldout_option_takes_a_folder_of_photos_but_not_training_photos(mini_repro, tmp_path):
+    import shutil
+
+    from dp2o.data import bundled_files
+
+    coffee, chelsea = bundled_files("bundled://heldout")[0], bundled_files("bundled://train")[1]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(coffee, mine / "kitchen.png")
+    args = mini_repro.parse_args([*TOY, "--heldout", str(mine)])
+    _, uri, _, keep = mini_repro.split_sources(args.split, tuple(args.val_photos), args.heldout)
+    assert uri == str(mine) and keep is None and f"`{mine}`" in mini_repro.split_words(args)
+    ids, hr, _ = mini_repro.degraded_crops(uri, 2, 32, 0, "v", keep)
+    assert hr.shape == (2, 3, 32, 32)
+    shutil.copy(chelsea, mine / chelsea.name)
+    with pytest.raises(SystemExit):
+        mini_repro.parse_args([*TOY, "--heldout", str(mine)])
