@@ -116,14 +116,36 @@ def read_manifest(stage_dir: Storage) -> dict:
     return stage_dir.read_json(dio.MANIFEST)
 
 
-def _upstream_entry(stage_dir: Storage) -> dict:
-    m = read_manifest(stage_dir)
-    return {"url": stage_dir.url, "fingerprint": m["fingerprint"], "stage": m["stage"]}
+@dataclass(frozen=True)
+class _Upstream:
+    """A finished upstream stage folder, its manifest read once (one GET on object stores)."""
+
+    dir: Storage
+    manifest: dict
+
+    @classmethod
+    def at(cls, url: str, storage_options: dict, stage: str) -> _Upstream:
+        found = resolve_stage_dir(url, storage_options, stage)
+        return cls(found, read_manifest(found))
+
+    @property
+    def entry(self) -> dict:
+        """What a downstream manifest records about this folder under `upstream`."""
+        m = self.manifest
+        return {"url": self.dir.url, "fingerprint": m["fingerprint"], "stage": m["stage"]}
+
+    @property
+    def lineage(self) -> dict:
+        """This folder's own `upstream` record: the stages before it."""
+        return self.manifest["upstream"]
+
+    def shards(self) -> list[ShardSpec]:
+        """Shards named like this folder's (a stage that maps shard to shard)."""
+        return [ShardSpec(i, s["name"]) for i, s in enumerate(self.manifest["shards"])]
 
 
-def _shards_like(upstream: Storage) -> list[ShardSpec]:
-    m = read_manifest(upstream)
-    return [ShardSpec(i, s["name"]) for i, s in enumerate(m["shards"])]
+def _out(out_url: str | None, root: str | None, stage: str, fp: str) -> str:
+    return out_url or stage_url(root or "runs", stage, fp)
 
 
 # ---- planning ------------------------------------------------------------------------------------------------
@@ -152,7 +174,7 @@ def plan_degrade(
     return StagePlan(
         "degrade",
         fp,
-        out_url or stage_url(root or "runs", "degrade", fp),
+        _out(out_url, root, "degrade", fp),
         cfg,
         shards,
         upstream={"source": {"url": cfg.input, "fingerprint": listing, "files": len(refs)}},
@@ -169,16 +191,15 @@ def plan_sample(
     storage_options: dict | None = None,
 ) -> StagePlan:
     so = dict(storage_options or {})
-    up = resolve_stage_dir(degraded_url, so, "degrade")
-    entry = _upstream_entry(up)
-    fp = fingerprint("sample", cfg, [entry["fingerprint"]])
+    up = _Upstream.at(degraded_url, so, "degrade")
+    fp = fingerprint("sample", cfg, [up.entry["fingerprint"]])
     return StagePlan(
         "sample",
         fp,
-        out_url or stage_url(root or "runs", "sample", fp),
+        _out(out_url, root, "sample", fp),
         cfg,
-        _shards_like(up),
-        upstream={"degrade": entry},
+        up.shards(),
+        upstream={"degrade": up.entry},
         storage_options=so,
     )
 
@@ -192,17 +213,15 @@ def plan_score(
     storage_options: dict | None = None,
 ) -> StagePlan:
     so = dict(storage_options or {})
-    up = resolve_stage_dir(samples_url, so, "sample")
-    entry = _upstream_entry(up)
-    degrade = read_manifest(up)["upstream"]["degrade"]
-    fp = fingerprint("score", _score_part(cfg), [entry["fingerprint"]])
+    up = _Upstream.at(samples_url, so, "sample")
+    fp = fingerprint("score", _score_part(cfg), [up.entry["fingerprint"]])
     return StagePlan(
         "score",
         fp,
-        out_url or stage_url(root or "runs", "score", fp),
+        _out(out_url, root, "score", fp),
         cfg,
-        _shards_like(up),
-        upstream={"sample": entry, "degrade": degrade},
+        up.shards(),
+        upstream={"sample": up.entry, "degrade": up.lineage["degrade"]},
         storage_options=so,
     )
 
@@ -223,19 +242,19 @@ def plan_reward(
     storage_options: dict | None = None,
 ) -> StagePlan:
     so = dict(storage_options or {})
-    up = resolve_stage_dir(scores_url, so, "score")
-    entry = _upstream_entry(up)
+    up = _Upstream.at(scores_url, so, "score")
     fp = fingerprint(
-        "reward", {"metrics": canonical(cfg.metrics), "reward": canonical(cfg.reward)}, [entry["fingerprint"]]
+        "reward",
+        {"metrics": canonical(cfg.metrics), "reward": canonical(cfg.reward)},
+        [up.entry["fingerprint"]],
     )
-    upstream = {"score": entry, **{k: v for k, v in read_manifest(up)["upstream"].items()}}
     return StagePlan(
         "reward",
         fp,
-        out_url or stage_url(root or "runs", "reward", fp),
+        _out(out_url, root, "reward", fp),
         cfg,
-        _shards_like(up),
-        upstream=upstream,
+        up.shards(),
+        upstream={"score": up.entry, **up.lineage},
         storage_options=so,
         single_task=True,
     )
@@ -253,9 +272,9 @@ def plan_pairs(
     reward (then `upstream` records the URL and a hash of the file list)."""
     so = dict(storage_options or {})
     try:
-        up = resolve_stage_dir(rewards_url, so, "reward")
-        entry = _upstream_entry(up)
-        upstream = {"reward": entry, **read_manifest(up)["upstream"]}
+        up = _Upstream.at(rewards_url, so, "reward")
+        entry = up.entry
+        upstream = {"reward": entry, **up.lineage}
     except StageError:
         files = _parquet_files(rewards_url, so)
         listing = sha1("\n".join(f"{p}|{n}" for p, n in files).encode()).hexdigest()
@@ -265,7 +284,7 @@ def plan_pairs(
     return StagePlan(
         "pairs",
         fp,
-        out_url or stage_url(root or "runs", "pairs", fp),
+        _out(out_url, root, "pairs", fp),
         cfg,
         [ShardSpec(0, shard_name(0))],
         upstream=upstream,
@@ -284,22 +303,21 @@ def plan_train(
     storage_options: dict | None = None,
 ) -> StagePlan:
     so = dict(storage_options or {})
-    up = resolve_stage_dir(pairs_url, so, "pairs")
-    entry = _upstream_entry(up)
-    upstream = {"pairs": entry, **read_manifest(up)["upstream"]}
+    up = _Upstream.at(pairs_url, so, "pairs")
+    upstream = {"pairs": up.entry, **up.lineage}
     if samples_url is not None:
-        s = resolve_stage_dir(samples_url, so, "sample")
-        upstream["sample"] = _upstream_entry(s)
-        upstream["degrade"] = read_manifest(s)["upstream"]["degrade"]
+        samples = _Upstream.at(samples_url, so, "sample")
+        upstream["sample"] = samples.entry
+        upstream["degrade"] = samples.lineage["degrade"]
     if "sample" not in upstream:
         raise StageError(
             f"train: cannot find the sampled candidates for pairs at {pairs_url}; pass --samples"
         )
-    fp = fingerprint("train", cfg, [entry["fingerprint"], upstream["sample"]["fingerprint"]])
+    fp = fingerprint("train", cfg, [up.entry["fingerprint"], upstream["sample"]["fingerprint"]])
     return StagePlan(
         "train",
         fp,
-        out_url or stage_url(root or "runs", "train", fp),
+        _out(out_url, root, "train", fp),
         cfg,
         [ShardSpec(0, "train")],
         upstream=upstream,
