@@ -246,6 +246,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.metric_weights = {k: float(v) for k, v in (item.split("=", 1) for item in args.metric_weights)}
     except ValueError:
         p.error(f"--metric-weights takes NAME=WEIGHT items, got {args.metric_weights}")
+    if args.split == "photo-val":
+        from dp2o.data import BUNDLED_PHOTOS
+
+        train = BUNDLED_PHOTOS["train"]
+        unknown = sorted(set(args.val_photos) - set(train))
+        if unknown or set(args.val_photos) >= set(train):
+            p.error(
+                f"--val-photos {' '.join(args.val_photos)}: name some, not all, of the bundled training photos "
+                f"({', '.join(train)})" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            )
     if args.split == "heldout" and args.heldout != "bundled://heldout":
         from dp2o.data import BUNDLED_PHOTOS
 

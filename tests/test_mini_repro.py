@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dp2o.data import BUNDLED_PHOTOS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -253,3 +255,10 @@ def test_heldout_option_takes_a_folder_of_photos_but_not_training_photos(mini_re
     shutil.copy(chelsea, mine / chelsea.name)
     with pytest.raises(SystemExit):
         mini_repro.parse_args([*TOY, "--heldout", str(mine)])
+
+
+@pytest.mark.parametrize("photos", [["kitten.png"], list(BUNDLED_PHOTOS["train"])])
+def test_val_photos_must_be_some_but_not_all_training_photos(mini_repro, photos, capsys):
+    with pytest.raises(SystemExit):
+        mini_repro.parse_args([*TOY, "--split", "photo-val", "--val-photos", *photos])
+    assert "--val-photos" in capsys.readouterr().err
