@@ -103,6 +103,11 @@ class Method:
     weighting: str
 
     @property
+    def spec(self) -> str:
+        """The `--methods` item that names this recipe."""
+        return f"{self.m}:{self.n_top}:{self.weighting}"
+
+    @property
     def label(self) -> str:
         return f"{self.name} (M={self.m}, N={self.n_top}, {self.weighting})"
 
@@ -810,6 +815,8 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
                 "heldout",
             ):
                 setattr(args, key, record["args"].get(key, getattr(args, key)))
+            if record["args"].get("methods"):
+                args.methods = [parse_method(spec) for spec in record["args"]["methods"]]
         elif not np.allclose(np.asarray(this_base["reward"]), np.asarray(base["reward"])):
             raise ValueError(
                 f"--merge: base-model rewards in {folder} differ from {args.merge[0]}; "
@@ -893,7 +900,10 @@ def report(
         by_photo,
     )
     record = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "methods": [m.spec for m in args.methods] if args.methods else None,
+        },
         "command": command.split("\n")[0],
         "timings_s": timings,
         "runs": runs_info,

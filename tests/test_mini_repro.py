@@ -199,6 +199,13 @@ def test_cv_toy_run_reports_and_resumes_without_rerunning(mini_repro_cv, tmp_pat
     ]  # fmt: skip
     pooled = mini_repro_cv.main(argv)
     assert pooled["method"].to_pylist() == ["m4-n1-uniform"] and pooled["seeds"].to_pylist() == [2]
+    fold = tmp_path / "cv" / "chelsea.png"
+    assert json.loads((fold / "results.json").read_text())["args"]["methods"] == ["4:1:uniform"]
+    # a --methods run re-reported by --merge keeps its recipes
+    mini_repro_cv.mini_repro.main(
+        ["--merge", str(fold), "--out", str(tmp_path / "m.md"), "--plot-dir", str(tmp_path / "m")]
+    )
+    assert "`m4-n1-uniform` = m4-n1-uniform (M=4, N=1, uniform)" in (tmp_path / "m.md").read_text()
     text = (tmp_path / "cv" / "cv.md").read_text()
     assert (
         "| chelsea.png | m4-n1-uniform | 2 |" in text and "| astronaut.png+retina.jpg | m4-n1-uniform" in text
