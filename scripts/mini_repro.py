@@ -41,11 +41,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from dp2o.data import BUNDLED_PHOTOS
 from dp2o.degrade.config import DegradationConfig
 from dp2o.degrade.ingest import crop_origin, list_sources, load_hr
 from dp2o.degrade.params import sample_params
 from dp2o.degrade.pipeline import degrade_batch, min_hr_side
-from dp2o.evaluate import difference_vs, markdown_table, per_input_at_m, run_at_m, summarize_over_seeds
+from dp2o.evaluate import (
+    difference_vs,
+    markdown_table,
+    per_input_at_m,
+    run_at_m,
+    seed_differences,
+    summarize_over_seeds,
+)
 from dp2o.evaluate.scoring import RewardModel
 from dp2o.models.tiny import UNET_WEIGHTS_FILE, TinyBackend, bundled_weights_dir
 from dp2o.pairs.build import build_pairs
@@ -252,8 +260,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--metric-weights takes NAME=WEIGHT items, got {args.metric_weights}")
     if args.split == "photo-val":
-        from dp2o.data import BUNDLED_PHOTOS
-
         train = BUNDLED_PHOTOS["train"]
         unknown = sorted(set(args.val_photos) - set(train))
         if unknown or set(args.val_photos) >= set(train):
@@ -262,8 +268,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"({', '.join(train)})" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
             )
     if args.split == "heldout" and args.heldout != "bundled://heldout":
-        from dp2o.data import BUNDLED_PHOTOS
-
         clash = sorted(
             {Path(r.relpath).name for r in list_sources(args.heldout)} & set(BUNDLED_PHOTOS["train"])
         )
@@ -517,6 +521,7 @@ def write_report(
     command: str,
     runs_info: list[dict],
     by_photo: pa.Table | None = None,
+    rebuilt_by: str | None = None,
 ) -> None:
     lines = [
         "# Miniature reproduction (tiny model, CPU)",
@@ -525,6 +530,7 @@ def write_report(
         "",
         f"    {command}",
         "",
+        *([f"(report rebuilt from its saved outputs by `{rebuilt_by}`)", ""] if rebuilt_by else []),
         f"Training inputs: {args.train_inputs} crops ({args.crop} px HR) of `bundled://train`, M={args.m} candidates "
         f"each. Evaluation: {args.eval_inputs} crops of {split_words(args)}, M_eval={args.m_eval} candidates each "
         f"with the same seeds for every method. DPO: {args.steps} steps × {args.pairs_per_step} pairs, "
@@ -680,8 +686,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         all_evals, methods, timings, runs_info, commands = merge(args)
         if len(commands) == 1:  # one invocation's outputs, re-reported: name the command that computed them
-            command = f"{commands[0]}\n\n(report rebuilt from its saved outputs by `{command.strip()}`)"
-        report(args, all_evals, methods, timings, runs_info, command.strip())
+            report(args, all_evals, methods, timings, runs_info, commands[0], rebuilt_by=command.strip())
+        else:
+            report(args, all_evals, methods, timings, runs_info, command.strip())
         return
     # the shared steps before the run pool starts (base candidates, base evaluation) use every job's threads
     torch.set_num_threads(args.threads * max(1, args.jobs))
@@ -832,26 +839,37 @@ def merge(args: argparse.Namespace) -> tuple[pa.Table, list[Method], dict, list[
     return pa.concat_tables(tables), methods, timings, runs_info, commands
 
 
+def runs_minus_base(evals: pa.Table) -> pa.Table:
+    """One row per trained (method, train_seed) of evaluation rows: its Best/Mean/Worst@M minus the base model's."""
+    runs = run_at_m(
+        per_input_at_m(evals, group_by=("method", "train_seed")), group_by=("method", "train_seed")
+    )
+    is_base = pc.equal(runs["method"], "base")
+    return seed_differences(runs.filter(pc.invert(is_base)), runs.filter(is_base))
+
+
 def per_photo_differences(evals: pa.Table, photo_of: dict[str, str]) -> pa.Table:
     """Run − base per evaluation photo (rows photo, method, ...): how much of a method's effect each photo
     carries. The intervals are over training seeds only; photos are too few for an interval over photos."""
     out = []
     for photo in dict.fromkeys(photo_of.values()):
         ids = pa.array([i for i, p in photo_of.items() if p == photo])
-        sub = evals.filter(pc.is_in(evals["sample_id"], value_set=ids))
-        runs = run_at_m(
-            per_input_at_m(sub, group_by=("method", "train_seed")), group_by=("method", "train_seed")
-        )
-        is_base = pc.equal(runs["method"], "base")
-        diffs = difference_vs(runs.filter(pc.invert(is_base)), runs.filter(is_base))
+        diffs = runs_minus_base(evals.filter(pc.is_in(evals["sample_id"], value_set=ids)))
         out.append(diffs.add_column(0, "photo", pa.array([photo] * diffs.num_rows)))
-    return pa.concat_tables(out)
+    return summarize_over_seeds(pa.concat_tables(out), group_by=("photo", "method"))
 
 
 def report(
-    args, all_evals: pa.Table, methods: list[Method], timings: dict, runs_info: list[dict], command: str
+    args,
+    all_evals: pa.Table,
+    methods: list[Method],
+    timings: dict,
+    runs_info: list[dict],
+    command: str,
+    rebuilt_by: str | None = None,
 ):
-    """Tables, verdicts, plot, markdown, `results.json` and `eval_rewards.csv` from the evaluation rows."""
+    """Tables, verdicts, plot, markdown, `results.json` and `eval_rewards.csv` from the evaluation rows.
+    `command` computed the rows; `rebuilt_by` is the `--merge` command that re-reports one invocation's rows."""
     runs = run_at_m(
         per_input_at_m(all_evals, group_by=("method", "train_seed")), group_by=("method", "train_seed")
     )
@@ -898,13 +916,14 @@ def report(
         command,
         runs_info,
         by_photo,
+        rebuilt_by,
     )
     record = {
         "args": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "methods": [m.spec for m in args.methods] if args.methods else None,
         },
-        "command": command.split("\n")[0],
+        "command": command,
         "timings_s": timings,
         "runs": runs_info,
         "summary": summary.to_pylist(),

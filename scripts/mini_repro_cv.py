@@ -16,7 +16,6 @@ so an interrupted invocation resumes.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -26,9 +25,9 @@ import pyarrow.compute as pc
 from pyarrow import csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-mini_repro = importlib.import_module("mini_repro")
+import mini_repro  # noqa: E402  (the script next to this one)
 
-from dp2o.evaluate import markdown_table, per_input_at_m, run_at_m, summarize_over_seeds  # noqa: E402
+from dp2o.evaluate import markdown_table, summarize_over_seeds  # noqa: E402
 
 #: natural photographs of bundled://train, like the held-out coffee.png and rocket.jpg
 DEFAULT_FOLDS = ("astronaut.png", "chelsea.png", "motorcycle_left.png")
@@ -36,37 +35,19 @@ STATS = ("best", "mean", "worst")
 
 
 def fold_differences(evals: pa.Table, fold: str) -> pa.Table:
-    """Rows (fold, method, train_seed, best, mean, worst) of run − base from one fold's `eval_rewards.csv`."""
-    runs = run_at_m(
-        per_input_at_m(evals, group_by=("method", "train_seed")), group_by=("method", "train_seed")
-    )
-    is_base = pc.equal(runs["method"], "base")
-    base = runs.filter(is_base).to_pylist()[0]
-    rows = []
-    for row in runs.filter(pc.invert(is_base)).to_pylist():
-        rows.append(
-            {
-                "fold": fold,
-                "method": row["method"],
-                "train_seed": row["train_seed"],
-                **{s: row[s] - base[s] for s in STATS},
-            }
-        )
-    return pa.Table.from_pylist(rows)
+    """Rows (fold, method, train_seed, best, mean, worst) of run − base from one fold's evaluation rows."""
+    diffs = mini_repro.runs_minus_base(evals).select(["method", "train_seed", *STATS])
+    return diffs.add_column(0, "fold", pa.array([fold] * diffs.num_rows))
 
 
 def average_over_folds(diffs: pa.Table) -> pa.Table:
     """(method, train_seed) → the fold-mean of each difference; only seeds present in every fold count."""
-    folds = set(diffs["fold"].to_pylist())
-    groups: dict[tuple, list[dict]] = {}
-    for row in diffs.to_pylist():
-        groups.setdefault((row["method"], row["train_seed"]), []).append(row)
-    rows = [
-        {"method": m, "train_seed": k, **{s: sum(r[s] for r in members) / len(members) for s in STATS}}
-        for (m, k), members in groups.items()
-        if {r["fold"] for r in members} == folds
-    ]
-    return pa.Table.from_pylist(rows)
+    folds = pc.count_distinct(diffs["fold"]).as_py()
+    means = diffs.group_by(["method", "train_seed"], use_threads=False).aggregate(
+        [(s, "mean") for s in STATS] + [("fold", "count_distinct")]
+    )
+    complete = means.filter(pc.equal(means["fold_count_distinct"], folds))
+    return complete.rename_columns({f"{s}_mean": s for s in STATS}).select(["method", "train_seed", *STATS])
 
 
 def parse_args(argv: list[str] | None):

@@ -239,10 +239,13 @@ def test_group_normalised_training_reward_spans_each_group(mini_repro):
         }
     )
     dataset = model.reward(raw)["reward"].to_pylist()
+    bounds = json.dumps(model.bounds, sort_keys=True)
     group = mini_repro.training_rewards(raw, model, args)["reward"].to_pylist()
     assert group == pytest.approx([0.0, 0.5, 1.0, 0.0, 0.5, 1.0])
     assert max(dataset[:3]) < 0.5 < min(dataset[3:])  # on the dataset scale input b is above input a
-    assert model.bounds is not None  # fitted by the dataset call, untouched by the training reward
+    # the evaluation scale is the one fitted by the dataset call, untouched by the training reward
+    assert json.dumps(model.bounds, sort_keys=True) == bounds
+    assert model.reward(raw)["reward"].to_pylist() == pytest.approx(dataset)
 
 
 def test_heldout_option_takes_a_folder_of_photos_but_not_training_photos(mini_repro, tmp_path):

@@ -9,6 +9,7 @@ from dp2o.evaluate.at_m import (
     markdown_table,
     per_input_at_m,
     run_at_m,
+    seed_differences,
     summarize_over_seeds,
     t_interval,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "markdown_table",
     "per_input_at_m",
     "run_at_m",
+    "seed_differences",
     "summarize_over_seeds",
     "t_interval",
 ]

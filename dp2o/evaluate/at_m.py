@@ -115,6 +115,28 @@ def summarize_over_seeds(
     return pa.Table.from_pylist(out)
 
 
+def seed_differences(runs: pa.Table, baseline: pa.Table, *, seed: str = "train_seed") -> pa.Table:
+    """`runs` with each @M statistic replaced by run − baseline, one row per run (not yet summarised).
+
+    baseline: either one row per seed (paired by `seed`, e.g. ablations trained with the same seeds) or a single
+    row without seed variation (a fixed base model), subtracted from every run.
+    """
+    _require_columns(baseline, list(AT_M_STATS), "seed_differences (baseline)")
+    base_rows = baseline.to_pylist()
+    if len(base_rows) == 1:
+        base_of = {None: base_rows[0]}
+    else:
+        _require_columns(baseline, [seed], "seed_differences (baseline)")
+        base_of = {row[seed]: row for row in base_rows}
+    diffs = []
+    for row in runs.to_pylist():
+        key = None if len(base_rows) == 1 else row[seed]
+        if key not in base_of:
+            raise ValueError(f"seed_differences: baseline has no row for {seed}={row[seed]!r}")
+        diffs.append({**row, **{s: row[s] - base_of[key][s] for s in AT_M_STATS}})
+    return pa.Table.from_pylist(diffs, schema=runs.schema)
+
+
 def difference_vs(
     runs: pa.Table,
     baseline: pa.Table,
@@ -123,27 +145,10 @@ def difference_vs(
     seed: str = "train_seed",
     confidence: float = 0.95,
 ) -> pa.Table:
-    """Per-seed differences of each @M statistic against a baseline, with t-intervals over seeds.
-
-    runs: as for `summarize_over_seeds`. baseline: either one row per seed (paired by `seed`, e.g. ablations
-    trained with the same seeds) or a single row without seed variation (a fixed base model), subtracted from
-    every run. Returns the `summarize_over_seeds` layout, where each value is a difference (run − baseline).
-    """
-    _require_columns(baseline, list(AT_M_STATS), "difference_vs (baseline)")
-    base_rows = baseline.to_pylist()
-    if len(base_rows) == 1:
-        base_of = {None: base_rows[0]}
-    else:
-        _require_columns(baseline, [seed], "difference_vs (baseline)")
-        base_of = {row[seed]: row for row in base_rows}
-    diffs = []
-    for row in runs.to_pylist():
-        key = None if len(base_rows) == 1 else row[seed]
-        if key not in base_of:
-            raise ValueError(f"difference_vs: baseline has no row for {seed}={row[seed]!r}")
-        diffs.append({**row, **{s: row[s] - base_of[key][s] for s in AT_M_STATS}})
+    """Per-seed differences of each @M statistic against a baseline (`seed_differences`), with t-intervals over
+    seeds. Returns the `summarize_over_seeds` layout, where each value is a difference (run − baseline)."""
     return summarize_over_seeds(
-        pa.Table.from_pylist(diffs), group_by=group_by, seed=seed, confidence=confidence
+        seed_differences(runs, baseline, seed=seed), group_by=group_by, seed=seed, confidence=confidence
     )
 
 
