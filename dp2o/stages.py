@@ -43,6 +43,7 @@ from dp2o.config import (
     canonical,
     fingerprint,
 )
+from dp2o.data import BUNDLED_SCHEME, is_bundled
 from dp2o.devices import resolve_device
 from dp2o.io import ShardOutput, Storage, commit_shard, read_marker, shard_name
 from dp2o.seeding import derive_seed
@@ -151,6 +152,16 @@ def _out(out_url: str | None, root: str | None, stage: str, fp: str) -> str:
 # ---- planning ------------------------------------------------------------------------------------------------
 
 
+def _source_listing(input_url: str, sources) -> str:
+    """Hash naming the HR sources. Bundled photos are keyed by their `bundled://` name, not by where the installed
+    scikit-image keeps them, so a second clone or a recreated virtual environment reuses the same outputs."""
+    if is_bundled(input_url):
+        keys = [f"{BUNDLED_SCHEME}{s.relpath}" for s in sources]
+    else:
+        keys = [f"{s.uri}|{s.member or ''}" for s in sources]
+    return sha1("\n".join(keys).encode()).hexdigest()
+
+
 def plan_degrade(
     cfg: DegradeConfig,
     out_url: str | None = None,
@@ -164,7 +175,7 @@ def plan_degrade(
     sources = list_sources(cfg.input, storage_options=so)
     if not sources:
         raise StageError(f"degrade.input={cfg.input!r}: no image files found there")
-    listing = sha1("\n".join(f"{s.uri}|{s.member or ''}" for s in sources).encode()).hexdigest()
+    listing = _source_listing(cfg.input, sources)
     fp = fingerprint("degrade", cfg, [listing])
     refs = [(s.uri, s.relpath, s.member) for s in sources]
     n = cfg.images_per_shard

@@ -261,3 +261,27 @@ def test_s3_folder_and_tar_shards(tmp_path):
             assert load_hr(ref, min_size=8, storage_options=opts).shape == (30, 40, 3)
     finally:
         server.stop()
+
+
+def test_bundled_fingerprint_does_not_depend_on_where_scikit_image_is_installed(tmp_path, monkeypatch):
+    """A second clone or a recreated virtual environment must reuse the outputs of the first."""
+    import shutil
+
+    from dp2o import data, stages
+    from dp2o.config import DegradeConfig
+
+    cfg = DegradeConfig(input="bundled://heldout")
+    here = stages.plan_degrade(cfg, root=str(tmp_path / "runs"))
+    elsewhere = tmp_path / "other-venv" / "skimage" / "data"
+    elsewhere.mkdir(parents=True)
+    for p in data.bundled_files("bundled://heldout"):
+        shutil.copy(p, elsewhere / p.name)
+    monkeypatch.setattr(data, "bundled_dir", lambda: elsewhere)
+    moved = stages.plan_degrade(cfg, root=str(tmp_path / "runs"))
+    assert moved.shards[0].inputs[0][0].startswith(str(elsewhere))  # it reads from the new place ...
+    assert moved.fingerprint == here.fingerprint  # ... under the same name
+    # an ordinary folder is keyed by its location: the same files elsewhere are another input
+    a = stages.plan_degrade(DegradeConfig(input=str(elsewhere)), root=str(tmp_path / "runs"))
+    shutil.copytree(elsewhere, tmp_path / "copy")
+    b = stages.plan_degrade(DegradeConfig(input=str(tmp_path / "copy")), root=str(tmp_path / "runs"))
+    assert a.fingerprint != b.fingerprint != here.fingerprint
