@@ -1,17 +1,21 @@
-"""Bundled HR photos: colour photographs that ship inside the scikit-image wheel, so the demo needs no download.
+"""Bundled HR photos: colour photographs that ship inside the wheels of dp2o's own dependencies (scikit-image,
+matplotlib, scikit-learn), so the demo and the miniature reproduction need no download.
 
 `bundled://train` and `bundled://heldout` are accepted wherever an HR source URL is; they resolve to files in
-the installed scikit-image package. The held-out split is never used for training or pretraining.
+the installed packages. The held-out split is never used for training or pretraining.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 BUNDLED_SCHEME = "bundled://"
 
-#: natural colour photographs in skimage/data (synthetic and grayscale-only images left out; motorcycle_right is
-#: left out because it is a stereo twin of motorcycle_left and would leak into the held-out split)
+#: natural colour photographs shipped in dependency wheels (synthetic and grayscale-only images left out;
+#: skimage's motorcycle_right is left out because it is a stereo twin of motorcycle_left and would leak into the
+#: held-out split). The held-out split is every other such photograph we found: scipy.datasets and imageio fetch
+#: theirs from the network, so they cannot be bundled.
 BUNDLED_PHOTOS: dict[str, tuple[str, ...]] = {
     "train": (
         "astronaut.png",
@@ -21,15 +25,45 @@ BUNDLED_PHOTOS: dict[str, tuple[str, ...]] = {
         "retina.jpg",
         "ihc.png",
     ),
-    "heldout": ("coffee.png", "rocket.jpg"),
+    "heldout": ("coffee.png", "rocket.jpg", "grace_hopper.jpg", "china.jpg", "flower.jpg"),
 }
+
+#: where each package keeps its sample photos: (import name, folder inside the package)
+_PACKAGE_DIRS: dict[str, tuple[str, str]] = {
+    "skimage": ("skimage", "data"),
+    "matplotlib": ("matplotlib", "mpl-data/sample_data"),
+    "sklearn": ("sklearn", "datasets/images"),
+}
+#: the package of each photo that is not scikit-image's
+_PHOTO_PACKAGE: dict[str, str] = {
+    "grace_hopper.jpg": "matplotlib",
+    "china.jpg": "sklearn",
+    "flower.jpg": "sklearn",
+}
+_PIP_NAME = {"skimage": "scikit-image", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+
+
+def package_dir(package: str) -> Path:
+    """The folder of sample photos inside an installed package (`skimage`, `matplotlib` or `sklearn`)."""
+    module, sub = _PACKAGE_DIRS[package]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the bundled photos need the package {_PIP_NAME[package]!r}, which is not installed; "
+            f"pip install {_PIP_NAME[package]}"
+        )
+    return Path(spec.origin).parent / sub
 
 
 def bundled_dir() -> Path:
-    """The folder of scikit-image's bundled data files."""
-    import skimage.data
+    """The folder of scikit-image's bundled data files (most bundled photos live there)."""
+    return package_dir("skimage")
 
-    return Path(skimage.data.__file__).parent
+
+def bundled_path(name: str) -> Path:
+    """The installed file of one bundled photo."""
+    package = _PHOTO_PACKAGE.get(name, "skimage")
+    return (bundled_dir() if package == "skimage" else package_dir(package)) / name
 
 
 def is_bundled(uri: str) -> bool:
@@ -48,10 +82,13 @@ def bundled_files(uri: str) -> list[Path]:
             f"unknown bundled split {split!r} in {uri!r}; use one of: "
             + ", ".join(f"{BUNDLED_SCHEME}{s}" for s in [*BUNDLED_PHOTOS, "all"])
         )
-    root = bundled_dir()
-    missing = [n for n in names if not (root / n).exists()]
+    paths = [bundled_path(n) for n in names]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(
-            f"scikit-image data files {missing} are missing under {root}; reinstall scikit-image"
+        packages = sorted(
+            {_PIP_NAME[_PHOTO_PACKAGE.get(n, "skimage")] for n, p in zip(names, paths) if not p.exists()}
         )
-    return [root / n for n in names]
+        raise FileNotFoundError(
+            f"bundled photos {missing} are missing; reinstall {', '.join(packages)} (pip install --force-reinstall)"
+        )
+    return paths

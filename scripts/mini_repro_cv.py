@@ -29,7 +29,7 @@ import mini_repro  # noqa: E402  (the script next to this one)
 
 from dp2o.evaluate import markdown_table, summarize_over_seeds  # noqa: E402
 
-#: natural photographs of bundled://train, like the held-out coffee.png and rocket.jpg
+#: natural photographs of bundled://train, like the photos of bundled://heldout
 DEFAULT_FOLDS = ("astronaut.png", "chelsea.png", "motorcycle_left.png")
 STATS = ("best", "mean", "worst")
 

@@ -219,8 +219,11 @@ def test_fsspec_memory_urls_and_missing_sources():
 
 def test_bundled_photos_are_listed_and_load():
     refs = list_sources("bundled://heldout")
-    assert [r.relpath for r in refs] == ["coffee.png", "rocket.jpg"]
-    assert load_hr(refs[0], min_size=256).shape == (400, 600, 3)
+    names = ["china.jpg", "coffee.png", "flower.jpg", "grace_hopper.jpg", "rocket.jpg"]
+    assert [r.relpath for r in refs] == names
+    shapes = [load_hr(r, min_size=256).shape for r in refs]
+    assert shapes == [(427, 640, 3), (400, 600, 3), (427, 640, 3), (600, 512, 3), (427, 640, 3)]
+    assert {r.relpath for r in list_sources("bundled://train")}.isdisjoint(names)
 
 
 def test_crop_origin_is_deterministic_in_range_and_seed_dependent():
@@ -276,7 +279,7 @@ def test_bundled_fingerprint_does_not_depend_on_where_scikit_image_is_installed(
     elsewhere.mkdir(parents=True)
     for p in data.bundled_files("bundled://heldout"):
         shutil.copy(p, elsewhere / p.name)
-    monkeypatch.setattr(data, "bundled_dir", lambda: elsewhere)
+    monkeypatch.setattr(data, "bundled_path", lambda name: elsewhere / name)
     moved = stages.plan_degrade(cfg, root=str(tmp_path / "runs"))
     assert moved.shards[0].inputs[0][0].startswith(str(elsewhere))  # it reads from the new place ...
     assert moved.fingerprint == here.fingerprint  # ... under the same name

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -83,11 +84,13 @@ def _toy_run(mini_repro, folder: Path, jobs: str) -> dict:
     )
     text = out.read_text()
     assert "| dp2o-multi-uniform | 2 |" in text and "## Verdicts" in text
-    # TOY's 2 held-out crops come one from each held-out photo
+    # TOY's 2 held-out crops come one from each of the first two held-out photos (in name order) ...
     assert (
-        "| coffee.png | dp2o-multi-uniform | 2 |" in text
-        and "| rocket.jpg | dp2o-multi-uniform | 2 |" in text
+        "| china.jpg | dp2o-multi-uniform | 2 |" in text
+        and "| coffee.png | dp2o-multi-uniform | 2 |" in text
     )
+    # ... and the average over those two photos has its interval over photos
+    assert "| method | photos | Best@M |" in text and "\n| dp2o-multi-uniform | 2 | " in text
     assert (plots / "at_m.png").stat().st_size > 0
     return json.loads((plots / "results.json").read_text())
 
@@ -272,3 +275,19 @@ def test_val_photos_must_be_some_but_not_all_training_photos(mini_repro, photos,
     with pytest.raises(SystemExit):
         mini_repro.parse_args([*TOY, "--split", "photo-val", "--val-photos", *photos])
     assert "--val-photos" in capsys.readouterr().err
+
+
+def test_over_photos_averages_per_photo_means_with_an_interval_over_photos(mini_repro):
+    """The photo-level interval: mean over photos of each photo's seed-mean, t(0.975, df=P-1)·sd/√P."""
+    rows = []
+    for photo, value in (("a.png", -0.004), ("b.png", 0.002), ("c.png", 0.008)):
+        rows.append({"photo": photo, "method": "m", "seeds": 5, "best": value, "mean": value, "worst": value})
+        rows.append({"photo": photo, "method": "n", "seeds": 5, "best": 0.0, "mean": 0.001, "worst": 0.0})
+    for row in rows:  # the over-seeds bounds of by_photo must not leak into the over-photos interval
+        row.update({f"{s}_{e}": 9.0 for s in ("best", "mean", "worst") for e in ("lo", "hi")})
+    out = {r["method"]: r for r in mini_repro.over_photos(pa.Table.from_pylist(rows)).to_pylist()}
+    half = 4.302652729911275 * 0.006 / 3**0.5  # sd of (-0.004, 0.002, 0.008) is 0.006
+    assert out["m"]["photos"] == 3
+    assert out["m"]["mean"] == pytest.approx(0.002)
+    assert (out["m"]["mean_lo"], out["m"]["mean_hi"]) == pytest.approx((0.002 - half, 0.002 + half))
+    assert (out["n"]["mean"], out["n"]["mean_lo"], out["n"]["mean_hi"]) == pytest.approx((0.001,) * 3)

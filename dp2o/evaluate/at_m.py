@@ -152,13 +152,20 @@ def difference_vs(
     )
 
 
-def markdown_table(summary: pa.Table, *, label_columns: Sequence[str] = ("method",), digits: int = 4) -> str:
-    """A markdown table of `summarize_over_seeds` output: `value [lo, hi]` per @M statistic."""
-    _require_columns(summary, [*label_columns, "seeds", *AT_M_STATS], "markdown_table")
-    head = [*label_columns, "seeds", "Best@M", "Mean@M", "Worst@M"]
+def markdown_table(
+    summary: pa.Table,
+    *,
+    label_columns: Sequence[str] = ("method",),
+    digits: int = 4,
+    count: str = "seeds",
+) -> str:
+    """A markdown table of `summarize_over_seeds` output: `value [lo, hi]` per @M statistic. `count` names the
+    column that says how many values each interval is over."""
+    _require_columns(summary, [*label_columns, count, *AT_M_STATS], "markdown_table")
+    head = [*label_columns, count, "Best@M", "Mean@M", "Worst@M"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary.to_pylist():
-        cells = [str(row[c]) for c in label_columns] + [str(row["seeds"])]
+        cells = [str(row[c]) for c in label_columns] + [str(row[count])]
         for s in AT_M_STATS:
             lo, hi = row[f"{s}_lo"], row[f"{s}_hi"]
             ci = "" if math.isnan(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
