@@ -86,7 +86,11 @@ def bundled_files(uri: str) -> list[Path]:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         packages = sorted(
-            {_PIP_NAME[_PHOTO_PACKAGE.get(n, "skimage")] for n, p in zip(names, paths) if not p.exists()}
+            {
+                _PIP_NAME[_PHOTO_PACKAGE.get(n, "skimage")]
+                for n, p in zip(names, paths, strict=True)
+                if not p.exists()
+            }
         )
         raise FileNotFoundError(
             f"bundled photos {missing} are missing; reinstall {', '.join(packages)} (pip install --force-reinstall)"

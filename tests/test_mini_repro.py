@@ -86,8 +86,7 @@ def _toy_run(mini_repro, folder: Path, jobs: str) -> dict:
     assert "| dp2o-multi-uniform | 2 |" in text and "## Verdicts" in text
     # TOY's 2 held-out crops come one from each of the first two held-out photos (in name order) ...
     assert (
-        "| china.jpg | dp2o-multi-uniform | 2 |" in text
-        and "| coffee.png | dp2o-multi-uniform | 2 |" in text
+        "| china.jpg | dp2o-multi-uniform | 2 |" in text and "| coffee.png | dp2o-multi-uniform | 2 |" in text
     )
     # ... and the average over those two photos has its interval over photos
     assert "| method | photos | Best@M |" in text and "\n| dp2o-multi-uniform | 2 | " in text
