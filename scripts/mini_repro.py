@@ -289,6 +289,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.m < 4 and args.preset != "smoke":
         p.error("--m must be at least 4 so multi-pair (N = M/4) and best-vs-worst differ")
+    if args.only is not None:
+        names = [m.name for m in all_methods(args)]
+        unknown = [n for n in args.only if n not in names]
+        if unknown or not args.only:
+            p.error(f"--only {' '.join(args.only)}: name methods of this run ({', '.join(names)})")
     return args
 
 

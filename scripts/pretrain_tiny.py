@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip training; compare the model in --out with bicubic upsampling on held-out crops",
     )
     p.add_argument(
-        "--verify-inputs", type=int, default=8, help="held-out crops for the comparison with bicubic"
+        "--verify-inputs", type=int, default=10, help="held-out crops for the comparison with bicubic"
     )
     p.add_argument("--verify-seeds", type=int, default=4, help="candidates (seeds) per held-out crop")
     p.add_argument("--verify-crop", type=int, default=128, help="HR side of the held-out crops")

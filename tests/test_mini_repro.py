@@ -136,6 +136,15 @@ def test_methods_option_names_recipes_and_sets_m_to_the_largest(mini_repro):
             mini_repro.parse_args(bad)
     with pytest.raises(SystemExit):  # candidates of --m 8 cannot feed an M=16 recipe
         mini_repro.parse_args(["--m", "8", "--methods", "16:4:hpo"])
+    # --only must name methods of the run (a typo used to sample every candidate, then fail in the report)
+    assert mini_repro.parse_args(["--only", "dp2o-multi-hpo"]).only == ["dp2o-multi-hpo"]
+    for bad in (
+        ["--only", "dp2o-multi"],
+        ["--only"],
+        ["--methods", "16:1:uniform", "--only", "dp2o-multi-hpo"],
+    ):
+        with pytest.raises(SystemExit):
+            mini_repro.parse_args(bad)
 
 
 def test_photo_val_leaves_out_exactly_the_photos_asked_for(mini_repro):
