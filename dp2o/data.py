@@ -28,11 +28,11 @@ BUNDLED_PHOTOS: dict[str, tuple[str, ...]] = {
     "heldout": ("coffee.png", "rocket.jpg", "grace_hopper.jpg", "china.jpg", "flower.jpg"),
 }
 
-#: where each package keeps its sample photos: (import name, folder inside the package)
+#: where each package keeps its sample photos: import name -> (folder inside the package, name to pip install)
 _PACKAGE_DIRS: dict[str, tuple[str, str]] = {
-    "skimage": ("skimage", "data"),
-    "matplotlib": ("matplotlib", "mpl-data/sample_data"),
-    "sklearn": ("sklearn", "datasets/images"),
+    "skimage": ("data", "scikit-image"),
+    "matplotlib": ("mpl-data/sample_data", "matplotlib"),
+    "sklearn": ("datasets/images", "scikit-learn"),
 }
 #: the package of each photo that is not scikit-image's
 _PHOTO_PACKAGE: dict[str, str] = {
@@ -40,17 +40,15 @@ _PHOTO_PACKAGE: dict[str, str] = {
     "china.jpg": "sklearn",
     "flower.jpg": "sklearn",
 }
-_PIP_NAME = {"skimage": "scikit-image", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
 
 
 def package_dir(package: str) -> Path:
     """The folder of sample photos inside an installed package (`skimage`, `matplotlib` or `sklearn`)."""
-    module, sub = _PACKAGE_DIRS[package]
-    spec = importlib.util.find_spec(module)
+    sub, pip_name = _PACKAGE_DIRS[package]
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the bundled photos need the package {_PIP_NAME[package]!r}, which is not installed; "
-            f"pip install {_PIP_NAME[package]}"
+            f"the bundled photos need the package {pip_name!r}, which is not installed; pip install {pip_name}"
         )
     return Path(spec.origin).parent / sub
 
@@ -87,7 +85,7 @@ def bundled_files(uri: str) -> list[Path]:
     if missing:
         packages = sorted(
             {
-                _PIP_NAME[_PHOTO_PACKAGE.get(n, "skimage")]
+                _PACKAGE_DIRS[_PHOTO_PACKAGE.get(n, "skimage")][1]
                 for n, p in zip(names, paths, strict=True)
                 if not p.exists()
             }

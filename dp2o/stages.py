@@ -154,7 +154,7 @@ def _out(out_url: str | None, root: str | None, stage: str, fp: str) -> str:
 
 def _source_listing(input_url: str, sources) -> str:
     """Hash naming the HR sources. Bundled photos are keyed by their `bundled://` name, not by where the installed
-    scikit-image keeps them, so a second clone or a recreated virtual environment reuses the same outputs."""
+    packages keep them, so a second clone or a recreated virtual environment reuses the same outputs."""
     if is_bundled(input_url):
         keys = [f"{BUNDLED_SCHEME}{s.relpath}" for s in sources]
     else:

@@ -288,3 +288,15 @@ def test_bundled_fingerprint_does_not_depend_on_where_scikit_image_is_installed(
     shutil.copytree(elsewhere, tmp_path / "copy")
     b = stages.plan_degrade(DegradeConfig(input=str(tmp_path / "copy")), root=str(tmp_path / "runs"))
     assert a.fingerprint != b.fingerprint != here.fingerprint
+
+
+def test_bundled_photos_of_a_missing_package_say_what_to_install(monkeypatch):
+    import importlib.util
+
+    from dp2o import data
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "sklearn" else real(name))
+    with pytest.raises(FileNotFoundError, match="pip install scikit-learn"):
+        list_sources("bundled://heldout")
+    assert len(data.bundled_files("bundled://train")) == 6  # the training photos need scikit-image only
