@@ -152,14 +152,17 @@ def _out(out_url: str | None, root: str | None, stage: str, fp: str) -> str:
 # ---- planning ------------------------------------------------------------------------------------------------
 
 
+def _listing_hash(keys) -> str:
+    """Fingerprint of an input that is a list of files rather than a stage folder: a hash of one key per file."""
+    return sha1("\n".join(keys).encode()).hexdigest()
+
+
 def _source_listing(input_url: str, sources) -> str:
     """Hash naming the HR sources. Bundled photos are keyed by their `bundled://` name, not by where the installed
     packages keep them, so a second clone or a recreated virtual environment reuses the same outputs."""
     if is_bundled(input_url):
-        keys = [f"{BUNDLED_SCHEME}{s.relpath}" for s in sources]
-    else:
-        keys = [f"{s.uri}|{s.member or ''}" for s in sources]
-    return sha1("\n".join(keys).encode()).hexdigest()
+        return _listing_hash(f"{BUNDLED_SCHEME}{s.relpath}" for s in sources)
+    return _listing_hash(f"{s.uri}|{s.member or ''}" for s in sources)
 
 
 def plan_degrade(
@@ -288,7 +291,7 @@ def plan_pairs(
         upstream = {"reward": entry, **up.lineage}
     except StageError:
         files = _parquet_files(rewards_url, so)
-        listing = sha1("\n".join(f"{p}|{n}" for p, n in files).encode()).hexdigest()
+        listing = _listing_hash(f"{p}|{n}" for p, n in files)
         entry = {"url": rewards_url, "fingerprint": listing, "stage": "external"}
         upstream = {"reward": entry}
     fp = fingerprint("pairs", cfg, [entry["fingerprint"]])

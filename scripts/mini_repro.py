@@ -17,7 +17,7 @@ What runs, using the library directly (no Prefect):
 
 Tuning never evaluates on `bundled://heldout`: `--split photo-val` leaves training photos out and evaluates on
 them, and `scripts/mini_repro_cv.py` runs it over several leave-photos-out folds. `--heldout URI` evaluates on
-your own HR photos instead of the two bundled ones.
+your own HR photos instead of the bundled ones.
 
 The design choice a reader would miss: the reward normalisation bounds are fitted once, on the base model's
 training candidates, and then frozen. Re-fitting them on each method's own evaluation candidates would rescale
@@ -47,6 +47,7 @@ from dp2o.degrade.ingest import crop_origin, list_sources, load_hr
 from dp2o.degrade.params import sample_params
 from dp2o.degrade.pipeline import degrade_batch, min_hr_side
 from dp2o.evaluate import (
+    AT_M_STATS,
     difference_vs,
     markdown_table,
     per_input_at_m,
@@ -57,7 +58,7 @@ from dp2o.evaluate import (
 from dp2o.evaluate.scoring import RewardModel
 from dp2o.models.tiny import UNET_WEIGHTS_FILE, TinyBackend, bundled_weights_dir
 from dp2o.pairs.build import build_pairs
-from dp2o.reward.hybrid import RewardConfig
+from dp2o.reward.hybrid import RewardConfig, compute_reward
 from dp2o.seeding import derive_seed
 
 #: The reward of the reproduction (a preset of dp2o.reward.registry or a comma-separated list of metric names):
@@ -526,6 +527,7 @@ def write_report(
     command: str,
     runs_info: list[dict],
     by_photo: pa.Table | None = None,
+    photos_pooled: pa.Table | None = None,
     rebuilt_by: str | None = None,
 ) -> None:
     lines = [
@@ -574,7 +576,7 @@ def write_report(
                 "photo's value is its mean over seeds; with few photos this interval is wide, and it is the one "
                 "that says whether an effect generalises beyond these photos):",
                 "",
-                markdown_table(over_photos(by_photo), label_columns=("method",), count="photos"),
+                markdown_table(photos_pooled, label_columns=("method",), count="photos"),
             ]
             if by_photo is not None
             else []
@@ -642,8 +644,6 @@ def training_rewards(raw: pa.Table, reward_model: RewardModel, args) -> pa.Table
     """`raw` plus the reward that ranks and weighs the training pairs under `--train-normalization group`: each
     metric min–max normalised over the M candidates of its own input (the reward stage's
     `normalization: group`). Evaluation keeps the frozen dataset scale either way."""
-    from dp2o.reward.hybrid import compute_reward
-
     cfg = RewardConfig(normalization="group", metric_weights=args.metric_weights)
     reward, _ = compute_reward(raw, reward_model.specs, cfg)
     return raw.append_column("reward", pa.array(np.asarray(reward, dtype=np.float64)))
@@ -873,7 +873,7 @@ def over_photos(by_photo: pa.Table) -> pa.Table:
     """Mean over evaluation photos of each method's per-photo difference to base (itself a mean over training
     seeds), with a 95 % t-interval over photos (column `photos`): the interval a reader needs before trusting
     that an effect holds beyond these photos. Needs at least two photos for an interval."""
-    per_photo = by_photo.select(["photo", "method", "best", "mean", "worst"])
+    per_photo = by_photo.select(["photo", "method", *AT_M_STATS])
     table = summarize_over_seeds(per_photo, group_by=("method",), seed="photo")
     return table.rename_columns(["method", "photos", *table.column_names[2:]])
 
@@ -915,6 +915,7 @@ def report(
     by_photo = per_photo_differences(
         all_evals, crop_photos(eval_uri, args.eval_inputs, eval_stage, eval_keep)
     )
+    photos_pooled = over_photos(by_photo)
 
     plot_path = args.plot_dir / "at_m.png"
     plot(
@@ -935,6 +936,7 @@ def report(
         command,
         runs_info,
         by_photo,
+        photos_pooled,
         rebuilt_by,
     )
     record = {
@@ -949,7 +951,7 @@ def report(
         "diff_vs_base": diffs.to_pylist(),
         "paired": paired,
         "diff_vs_base_per_photo": by_photo.to_pylist(),
-        "diff_vs_base_over_photos": over_photos(by_photo).to_pylist(),
+        "diff_vs_base_over_photos": photos_pooled.to_pylist(),
     }
     (args.plot_dir / "results.json").write_text(
         json.dumps(

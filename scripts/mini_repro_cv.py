@@ -27,16 +27,15 @@ from pyarrow import csv
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mini_repro  # noqa: E402  (the script next to this one)
 
-from dp2o.evaluate import markdown_table, summarize_over_seeds  # noqa: E402
+from dp2o.evaluate import AT_M_STATS, markdown_table, summarize_over_seeds  # noqa: E402
 
 #: natural photographs of bundled://train, like the photos of bundled://heldout
 DEFAULT_FOLDS = ("astronaut.png", "chelsea.png", "motorcycle_left.png")
-STATS = ("best", "mean", "worst")
 
 
 def fold_differences(evals: pa.Table, fold: str) -> pa.Table:
     """Rows (fold, method, train_seed, best, mean, worst) of run − base from one fold's evaluation rows."""
-    diffs = mini_repro.runs_minus_base(evals).select(["method", "train_seed", *STATS])
+    diffs = mini_repro.runs_minus_base(evals).select(["method", "train_seed", *AT_M_STATS])
     return diffs.add_column(0, "fold", pa.array([fold] * diffs.num_rows))
 
 
@@ -44,10 +43,12 @@ def average_over_folds(diffs: pa.Table) -> pa.Table:
     """(method, train_seed) → the fold-mean of each difference; only seeds present in every fold count."""
     folds = pc.count_distinct(diffs["fold"]).as_py()
     means = diffs.group_by(["method", "train_seed"], use_threads=False).aggregate(
-        [(s, "mean") for s in STATS] + [("fold", "count_distinct")]
+        [(s, "mean") for s in AT_M_STATS] + [("fold", "count_distinct")]
     )
     complete = means.filter(pc.equal(means["fold_count_distinct"], folds))
-    return complete.rename_columns({f"{s}_mean": s for s in STATS}).select(["method", "train_seed", *STATS])
+    return complete.rename_columns({f"{s}_mean": s for s in AT_M_STATS}).select(
+        ["method", "train_seed", *AT_M_STATS]
+    )
 
 
 def parse_args(argv: list[str] | None):
