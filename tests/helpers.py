@@ -96,3 +96,36 @@ def stage_files(stage_dir: Path) -> dict[str, bytes]:
         if p.is_file() and (rel.startswith("data/") or rel.startswith("model/")):
             out[rel] = p.read_bytes()
     return out
+
+
+#: float32 machine epsilon; the policy's and the reference's forward passes may differ by a few units of it
+FLOAT32_EPS = 2.0**-23
+#: how many ulps (per error value) two forward passes through identical weights may differ: different
+#: batching or kernels (CPU vendor, thread count, accelerate wrapping) reorder float sums
+PASS_ULPS = 16
+
+
+def assert_starts_at_ln2(loss, err, err_ref, *, beta: float) -> None:
+    """The first DPO loss before any update is ln 2 up to the float error of the two forward passes.
+
+    err, err_ref: [2P] policy and reference errors, winners first. What "starts at ln 2" means: (1) the policy
+    equals the reference, so their errors agree to a few float32 ulps; (2) the loss is the DPO formula of
+    those errors; (3) hence |loss - ln 2| <= (β/4)·max|Δ| with |Δ| <= 4·PASS_ULPS·eps·max|err|, because
+    d softplus(βΔ/2)/dΔ <= β/2·(1/2) near Δ = 0. β ≈ 5000 amplifies a 1-ulp difference to ~1e-4 in the loss,
+    so a fixed 1e-6 tolerance passes on one CPU and fails on another.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    err, err_ref = err.detach().double(), err_ref.detach().double()
+    scale = float(torch.maximum(err.abs().max(), err_ref.abs().max()))
+    ulps = PASS_ULPS * FLOAT32_EPS * scale
+    assert float((err - err_ref).abs().max()) <= ulps, "policy and reference must start identical"
+    p = err.shape[0] // 2
+    delta = (err[:p] - err_ref[:p]) - (err[p:] - err_ref[p:])
+    expected = float(F.softplus(beta / 2 * delta).mean())
+    assert abs(loss.item() - expected) <= 1e-6 + 1e-6 * expected, "loss must be the DPO formula of the errors"
+    bound = beta / 4 * 4 * ulps
+    assert abs(loss.item() - math.log(2)) <= bound + 1e-6, (loss.item(), bound)

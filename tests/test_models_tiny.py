@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 from dp2o.models import BackendConfig, BackendError, build_backend  # noqa: E402
 from dp2o.models.tiny import TinyBackend, bundled_weights_dir  # noqa: E402
 from dp2o.train.losses import dpo_loss  # noqa: E402
+from tests.helpers import assert_starts_at_ln2  # noqa: E402
 
 #: three levels (downsampling factor 4) and narrow channels, so a test model builds and runs in milliseconds
 SMALL_UNET = {
@@ -97,7 +98,7 @@ def test_dpo_loss_is_ln2_before_the_first_update_and_moves_after_one():
     (ew, rw), (el, rl) = policy.prediction_errors(bw), policy.prediction_errors(bl)
     assert not rw.requires_grad and ew.requires_grad
     loss, logs = dpo_loss(ew, rw, el, rl, beta=5000.0)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert_starts_at_ln2(loss, torch.cat([ew, el]), torch.cat([rw, rl]), beta=5000.0)
     loss.backward()
     opt.step()
     (ew2, rw2), (el2, rl2) = policy.prediction_errors(bw), policy.prediction_errors(bl)
