@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from dp2o import registry
 from dp2o.config import ConfigError, PipelineConfig, deep_merge, load_config, parse_overrides
+from dp2o.errors import Dp2oError
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-STAGES = ("degrade", "sample", "score", "reward", "pairs", "train")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -51,18 +52,39 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_stage_command(sub, stage: registry.Stage) -> None:
+    """A subcommand for one registered stage: its inputs, --out, and its config shortcuts."""
+    p = sub.add_parser(stage.name, help=stage.description)
+    _common(p)
+    for i in stage.inputs:
+        p.add_argument(i.flag, dest=f"input_{i.name}", metavar="URL", required=i.required, help=i.help)
+    p.add_argument("--out", required=True, help="output stage folder")
+    if stage.cli_then:
+        p.add_argument(
+            f"--{stage.cli_then}-out",
+            dest="then_out",
+            help=f"output folder of {stage.cli_then} (default: <out>-{stage.cli_then})",
+        )
+    for f in stage.flags:
+        p.add_argument(
+            f.flag, dest=f"flag_{f.key}", metavar=f.key.upper(), type=f.type, choices=f.choices, help=f.help
+        )
+    p.set_defaults(stage=stage.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dp2o", description="DP²O-SR preference optimisation pipeline for Real-ISR"
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
-        "run", help="run the whole pipeline (degrade → sample → score → reward → pairs → train)"
-    )
+    chain = " → ".join(s.name for s in registry.pipeline_stages())
+    p = sub.add_parser("run", help=f"run the whole pipeline ({chain})")
     _common(p)
     p.add_argument("--root", help="run root URL (local folder or s3://bucket/prefix); default from config")
-    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.add_argument(
+        "--until", choices=[s.name for s in registry.pipeline_stages()], help="stop after this stage"
+    )
 
     p = sub.add_parser(
         "demo", help="run the whole pipeline on the bundled photos with the built-in tiny model"
@@ -70,53 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--root", default=None, help="run root (default runs/demo)")
 
-    p = sub.add_parser("degrade", help="HR photos -> LR/HR webdataset shards + Parquet index")
-    _common(p)
-    p.add_argument(
-        "--input", help="HR source: folder, fsspec URL, webdataset .tar shards, or bundled://train"
-    )
-    p.add_argument("--out", required=True, help="output stage folder")
-    p.add_argument("--crop-size", type=int, help="HR crop side (multiple of 4)")
-
-    p = sub.add_parser("sample", help="M candidates per LR input of a degrade stage")
-    _common(p)
-    p.add_argument("--input", required=True, help="finished degrade stage folder")
-    p.add_argument("--out", required=True, help="output stage folder")
-    p.add_argument("--num-candidates", type=int, help="M, candidates per LR input")
-
-    p = sub.add_parser("score", help="raw IQA metrics per candidate, then the hybrid reward")
-    _common(p)
-    p.add_argument("--input", required=True, help="finished sample stage folder")
-    p.add_argument("--out", required=True, help="output folder for raw scores")
-    p.add_argument("--reward-out", help="output folder for rewards (default: <out>-reward)")
-    p.add_argument("--metrics", help="preset (offline, paper) or comma-separated metric names")
-
-    p = sub.add_parser("reward", help="recompute the hybrid reward from stored raw scores (no re-scoring)")
-    _common(p)
-    p.add_argument("--scores", required=True, help="finished score stage folder")
-    p.add_argument("--out", required=True, help="output folder")
-
-    p = sub.add_parser("pairs", help="top-N x bottom-N preference pairs with HPO weights")
-    _common(p)
-    p.add_argument(
-        "--scores",
-        required=True,
-        help="reward stage folder, or any Parquet file/folder with sample_id, candidate, reward",
-    )
-    p.add_argument("--out", required=True, help="output folder (Parquet files under data/)")
-    p.add_argument(
-        "--n-top", type=int, help="N: top-N winners x bottom-N losers per input (1 = best vs worst)"
-    )
-    p.add_argument("--weighting", choices=("hpo", "uniform"), help="hierarchical weights or weight 1")
-
-    p = sub.add_parser("train", help="weighted Diffusion-DPO on a pairs stage")
-    _common(p)
-    p.add_argument("--pairs", required=True, help="finished pairs stage folder")
-    p.add_argument(
-        "--samples", help="sample stage folder holding the candidates (default: from the pairs' lineage)"
-    )
-    p.add_argument("--out", required=True, help="output folder (checkpoints/, model/, data/metrics.parquet)")
-    p.add_argument("--steps", type=int, help="optimiser steps")
+    for stage in registry.stages():
+        _add_stage_command(sub, stage)
 
     p = sub.add_parser(
         "inspect", help="print a stage folder's manifest or a Parquet file's schema and first rows"
@@ -158,39 +135,48 @@ def _run_pipeline(cfg: PipelineConfig, orchestrator: str, until: str | None = No
     if orchestrator == "prefect":
         _flows().pipeline(config=cfg, until=until)
         return
-    from dp2o.runner import run_pipeline, summary
+    from dp2o.driver import run_pipeline, summary
 
     results = run_pipeline(cfg, until=until)
     print(summary(results, time.perf_counter() - t0))
 
 
-def _run_stage(stage: str, cfg: PipelineConfig, orchestrator: str, **urls) -> dict:
-    from dp2o import stages
-
+def _run_stage(stage: registry.Stage, cfg: PipelineConfig, orchestrator: str, inputs: dict, out: str) -> dict:
+    section = getattr(cfg, stage.section)
+    runtime = stage.runtime_of(cfg) if stage.runtime_of else {}
     so = cfg.storage_options
-    section = {"reward": cfg.score}.get(stage, getattr(cfg, stage, None))
     if orchestrator == "prefect":
-        flow = getattr(_flows(), stage)
-        return flow(config=section, storage_options=so, **urls)
-    from dp2o.runner import execute_plan
+        flow = _flows().stage_flow(stage.name)
+        return flow(
+            config=section, out=out, storage_options=so, workers=cfg.workers, runtime=runtime, **inputs
+        )
+    from dp2o.driver import run_stage
 
-    plan = {
-        "degrade": lambda: stages.plan_degrade(section, urls["out"], storage_options=so),
-        "sample": lambda: stages.plan_sample(section, urls["degraded"], urls["out"], storage_options=so),
-        "score": lambda: stages.plan_score(section, urls["samples"], urls["out"], storage_options=so),
-        "reward": lambda: stages.plan_reward(section, urls["scores"], urls["out"], storage_options=so),
-        "pairs": lambda: stages.plan_pairs(section, urls["scores"], urls["out"], storage_options=so),
-        "train": lambda: stages.plan_train(
-            section, urls["pairs"], urls["out"], samples_url=urls.get("samples"), storage_options=so
-        ),
-    }[stage]()
-    return execute_plan(plan, workers=cfg.workers).as_dict()
+    plan = stage.plan(section, inputs, out, storage_options=so, runtime=runtime)
+    return run_stage(plan, workers=cfg.workers).as_dict()
+
+
+def _stage_command(args) -> None:
+    """Run a stage subcommand (and the stage the CLI runs after it, e.g. reward after score)."""
+    stage = registry.get(args.stage)
+    flags = {f.key: getattr(args, f"flag_{f.key}") for f in stage.flags}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    cfg = _pipeline_config(args, {stage.section: flags} if flags else None)
+    inputs = {i.name: getattr(args, f"input_{i.name}") for i in stage.inputs}
+    res = _run_stage(stage, cfg, args.orchestrator, inputs, args.out)
+    if stage.cli_then:
+        print(json.dumps(res, indent=2, default=str))
+        then = registry.get(stage.cli_then)
+        then_inputs = {i.name: args.out if i.stage == stage.name else None for i in then.inputs}
+        then_out = args.then_out or args.out.rstrip("/") + f"-{then.name}"
+        res = _run_stage(then, cfg, args.orchestrator, then_inputs, then_out)
+    print(json.dumps(res, indent=2, default=str))
 
 
 def _inspect(target: str, rows: int) -> None:
     import pyarrow.parquet as pq
 
-    from dp2o.io import MANIFEST, Storage
+    from dp2o.storage import MANIFEST, Storage
 
     s = Storage(target)
     if s.fs.isdir(s.path):
@@ -208,7 +194,7 @@ def _inspect(target: str, rows: int) -> None:
                 + ", ".join(f for sh in m["shards"][:3] for f in sh["files"])
             )
             return
-        raise SystemExit(f"{target}: not a finished stage folder (no {MANIFEST})")
+        raise Dp2oError(f"{target}: not a finished stage folder (no {MANIFEST})")
     with s.fs.open(s.path, "rb") as f:
         table = pq.read_table(f)
     print(table.schema)
@@ -220,7 +206,7 @@ def _inspect(target: str, rows: int) -> None:
 
 
 def _verify(target: str) -> int:
-    from dp2o.io import MANIFEST, Storage, read_marker
+    from dp2o.storage import MANIFEST, Storage, read_marker
 
     s = Storage(target)
     m = s.read_json(MANIFEST)
@@ -240,81 +226,42 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # bitsandbytes (pulled in by peft/diffusers) warns about optional CPU kernels on every import; not ours to fix
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _log_to_terminal()
     try:
         if args.command == "inspect":
             _inspect(args.target, args.rows)
-            return 0
-        if args.command == "verify":
+        elif args.command == "verify":
             return _verify(args.target)
-        if args.command == "prefetch-metrics":
+        elif args.command == "prefetch-metrics":
             from dp2o.reward.scoring import prefetch_weights
 
             names = args.metrics if "," not in args.metrics else [x.strip() for x in args.metrics.split(",")]
             print(json.dumps(prefetch_weights(names), indent=2))
-            return 0
-        if args.command == "demo":
+        elif args.command == "demo":
             if args.config is None:
                 args.config = str(DEMO_CONFIG)
-            cfg = _pipeline_config(args)
-            _run_pipeline(cfg, args.orchestrator)
-            return 0
-        if args.command == "run":
+            _run_pipeline(_pipeline_config(args), args.orchestrator)
+        elif args.command == "run":
             _run_pipeline(_pipeline_config(args), args.orchestrator, args.until)
-            return 0
-        extra: dict = {}
-        if args.command == "degrade":
-            if args.input:
-                extra = {"degrade": {"input": args.input}}
-            if args.crop_size:
-                extra.setdefault("degrade", {})["crop_size"] = args.crop_size
-            cfg = _pipeline_config(args, extra)
-            res = _run_stage("degrade", cfg, args.orchestrator, out=args.out)
-        elif args.command == "sample":
-            if args.num_candidates:
-                extra = {"sample": {"num_candidates": args.num_candidates}}
-            cfg = _pipeline_config(args, extra)
-            res = _run_stage("sample", cfg, args.orchestrator, degraded=args.input, out=args.out)
-        elif args.command == "score":
-            if args.metrics:
-                m = args.metrics if "," not in args.metrics else [x.strip() for x in args.metrics.split(",")]
-                extra = {"score": {"metrics": m}}
-            cfg = _pipeline_config(args, extra)
-            res = _run_stage("score", cfg, args.orchestrator, samples=args.input, out=args.out)
-            print(json.dumps(res, indent=2, default=str))
-            reward_out = args.reward_out or args.out.rstrip("/") + "-reward"
-            res = _run_stage("reward", cfg, args.orchestrator, scores=args.out, out=reward_out)
-        elif args.command == "reward":
-            cfg = _pipeline_config(args)
-            res = _run_stage("reward", cfg, args.orchestrator, scores=args.scores, out=args.out)
-        elif args.command == "pairs":
-            pairs = {
-                k: v for k, v in {"n_top": args.n_top, "weighting": args.weighting}.items() if v is not None
-            }
-            cfg = _pipeline_config(args, {"pairs": pairs} if pairs else None)
-            res = _run_stage("pairs", cfg, args.orchestrator, scores=args.scores, out=args.out)
-        elif args.command == "train":
-            if args.steps:
-                extra = {"train": {"steps": args.steps}}
-            cfg = _pipeline_config(args, extra)
-            res = _run_stage(
-                "train", cfg, args.orchestrator, pairs=args.pairs, samples=args.samples, out=args.out
-            )
-        else:  # pragma: no cover - argparse restricts the choices
-            raise SystemExit(f"unknown command {args.command}")
-        print(json.dumps(res, indent=2, default=str))
+        else:
+            _stage_command(args)
         return 0
-    except ConfigError as e:
+    except Dp2oError as e:
         print(f"dp2o: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from dp2o.models.base import BackendError
-        from dp2o.reward.registry import MetricWeightsMissing
-        from dp2o.stages import StageError
+        return 2 if isinstance(e, ConfigError) else 1
+    except FileNotFoundError as e:
+        print(f"dp2o: {e}", file=sys.stderr)
+        return 1
 
-        if isinstance(e, StageError | FileNotFoundError | BackendError | MetricWeightsMissing):
-            print(f"dp2o: {e}", file=sys.stderr)
-            return 1
-        raise
+
+def _log_to_terminal() -> None:
+    """Progress lines of the `dp2o` logger on stderr, one message per line (the library only logs)."""
+    logger = logging.getLogger("dp2o")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dp2o.degrade.config import DegradationConfig
+from dp2o.errors import Dp2oError
 from dp2o.models.config import BackendConfig, runtime
 from dp2o.reward.hybrid import RewardConfig
 
-#: bump a stage's version when its code changes what it writes; old outputs then stay, new ones get new folders
-STAGE_VERSIONS: dict[str, int] = {"degrade": 2, "sample": 1, "score": 1, "reward": 1, "pairs": 1, "train": 1}
 
-
-class ConfigError(ValueError):
+class ConfigError(Dp2oError, ValueError):
     """A config is malformed. Raised before any work starts; the message names the field and the source."""
 
 
@@ -137,6 +135,24 @@ class TrainConfig(_Frozen):
         return self
 
 
+class EvaluateConfig(_Frozen):
+    """M candidates per held-out input from the base and the tuned model, scored, Best/Mean/Worst@M side by side."""
+
+    num_candidates: int = Field(8, ge=1, description="M, candidates per held-out input and model")
+    seed: int = Field(
+        0,
+        description="evaluation seed; candidate seeds derive from (seed, sample id, candidate), the same for both models",
+    )
+    metrics: str | tuple[str, ...] = Field(
+        "offline",
+        description="a preset name (paper, offline) or metric names; FR metrics only where HR exists",
+    )
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the t-intervals in the summary")
+    batch_size: int = runtime(default=8, ge=1, description="(LR, seed) rows per denoising batch")
+    device: str = runtime(default="auto", description="scoring device; auto = cuda if available else cpu")
+
+
 class PipelineConfig(_Frozen):
     """The whole chain. `root` is a local folder or any fsspec URL (s3://bucket/prefix)."""
 
@@ -149,6 +165,7 @@ class PipelineConfig(_Frozen):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     workers: int = runtime(default=1, ge=1, description="shards processed concurrently (threads)")
 
     @model_validator(mode="after")
@@ -186,16 +203,28 @@ def canonical(value: Any) -> Any:
     return value
 
 
+def runtime_fields(value: BaseModel) -> dict[str, Any]:
+    """The runtime-only fields of a config (the complement of `canonical`, one level deep)."""
+    return {
+        name: getattr(value, name) for name, info in type(value).model_fields.items() if _is_runtime(info)
+    }
+
+
 def canonical_json(value: Any) -> str:
     return json.dumps(canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def fingerprint(stage: str, config: Any, upstream: tuple[str, ...] | list[str] = ()) -> str:
-    """16 hex digits naming the output of `stage` run with `config` on the given upstream fingerprints."""
+    """16 hex digits naming the output of `stage` run with `config` on the given upstream fingerprints.
+
+    The stage's code version comes from the registry (`Stage.version`): bump it when the stage's code changes
+    what it writes; old outputs then stay, new ones get new folders."""
+    from dp2o.registry import version
+
     payload = json.dumps(
         {
             "stage": stage,
-            "version": STAGE_VERSIONS[stage],
+            "version": version(stage),
             "config": canonical(config),
             "upstream": list(upstream),
         },

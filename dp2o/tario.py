@@ -97,3 +97,20 @@ class TarReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def image_shard(name: str, tmp: Path, table, members: list[tuple[str, bytes]]):
+    """Write an image stage's shard locally: the Parquet index (`table`, with a `status` column) and the tar
+    of PNGs, as a `ShardOutput` ready for the driver to commit."""
+    from dp2o.storage import ShardOutput, write_parquet
+
+    pq_path, tar_path = tmp / f"{name}.parquet", tmp / f"{name}.tar"
+    write_parquet(table, pq_path)
+    write_tar(tar_path, members)
+    errors = sum(s != "ok" for s in table["status"].to_pylist())
+    return ShardOutput(
+        name,
+        {f"data/{name}.parquet": str(pq_path), f"data/{name}.tar": str(tar_path)},
+        rows=table.num_rows,
+        errors=errors,
+    )

@@ -1,37 +1,31 @@
-"""Running a `dp2o.stages.StagePlan` with Prefect tasks (the Prefect counterpart of `dp2o.runner.execute_plan`)."""
+"""The Prefect executor of `dp2o.driver.run_stage`: the driver's shard map becomes a map of Prefect tasks."""
 
 from __future__ import annotations
 
-import time
+from dp2o import driver
+from dp2o.driver import StageResult
+from dp2o.plan import StagePlan
+from tasks import finalize_task, run_all_task, run_shard_task
 
-from prefect import get_run_logger, unmapped
-
-from dp2o import stages
-from dp2o.runner import StageResult
-from dp2o.stages import StagePlan
-from tasks import finalize_task, run_shard_task, run_single_task
+#: the Prefect task that runs each driver function
+_TASKS = {driver.run_shard: run_shard_task, driver.run_all: run_all_task}
 
 
-def execute_with_prefect(plan: StagePlan) -> StageResult:
-    """prepare → map run_shard_task over pending shards → finalize (inside the current flow run)."""
-    logger = get_run_logger()
-    t0 = time.perf_counter()
-    pending = stages.pending_shards(plan)
-    stages.prepare(plan, pending)
-    skipped = len(plan.shards) - len(pending)
-    logger.info(
-        "%s: %d shard(s) to compute, %d already committed -> %s",
-        plan.stage,
-        len(pending),
-        skipped,
-        plan.out_url,
+def map_tasks(fn, calls, concurrency):
+    """`driver.MapShards` with Prefect tasks, at most `concurrency` in flight (the stage's rule, not the
+    flow's task runner, decides how many shards run at once)."""
+    task = _TASKS[fn]
+    futures, results = [], []
+    for args in calls:
+        if len(futures) - len(results) >= concurrency:
+            results.append(futures[len(results)].result())
+        futures.append(task.submit(*args))
+    results.extend(f.result() for f in futures[len(results) :])
+    return results
+
+
+def execute_with_prefect(plan: StagePlan, workers: int = 1) -> StageResult:
+    """Run `plan` through the driver inside the current flow run, each shard (or the whole-dataset body) a task."""
+    return driver.run_stage(
+        plan, map_tasks, workers=workers, finalize_fn=lambda p: finalize_task.submit(p).result()
     )
-    if plan.single_task:
-        if pending:
-            run_single_task.submit(plan, pending).result()
-    elif pending:
-        futures = run_shard_task.map(unmapped(plan), pending)
-        for f in futures:
-            f.result()
-    manifest = finalize_task.submit(plan).result()
-    return StageResult(plan.stage, plan.out_url, manifest, len(pending), skipped, time.perf_counter() - t0)

@@ -1,25 +1,22 @@
-"""The end-to-end flow: degrade → sample → score → reward → pairs → train, each stage a subflow."""
+"""The end-to-end flow: every pipeline stage of the registry, in order, each stage a subflow."""
 
 from __future__ import annotations
 
+import functools
 import time
 
-from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import Flow, flow
 
 from dp2o.config import PipelineConfig
-from dp2o.runner import StageResult, run_pipeline, summary
-from dp2o.stages import StagePlan
+from dp2o.driver import StageResult, run_pipeline, summary
+from dp2o.plan import StagePlan
 from flows.common import execute_with_prefect
 
 
-def _stage_subflow(stage: str):
+@functools.cache
+def stage_subflow(stage: str) -> Flow:
+    """`<stage>-stage`: the subflow that runs one stage's plan inside the pipeline flow run."""
     return flow(name=f"{stage}-stage", log_prints=True)(execute_with_prefect)
-
-
-_SUBFLOWS = {s: _stage_subflow(s) for s in ("degrade", "sample", "score", "reward", "pairs", "train")}
-#: stages whose shards may run in parallel threads; sample and score share one model per process
-_PARALLEL = ("degrade",)
 
 
 @flow(name="dp2o-pipeline", log_prints=True)
@@ -28,9 +25,7 @@ def pipeline(config: PipelineConfig, until: str | None = None) -> str:
     t0 = time.perf_counter()
 
     def execute(plan: StagePlan) -> StageResult:
-        workers = config.workers if plan.stage in _PARALLEL else 1
-        runner = ThreadPoolTaskRunner(max_workers=workers)
-        return _SUBFLOWS[plan.stage].with_options(task_runner=runner)(plan)
+        return stage_subflow(plan.stage)(plan, workers=config.workers)
 
     results = run_pipeline(config, execute, until=until)
     text = summary(results, time.perf_counter() - t0)

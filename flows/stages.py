@@ -1,95 +1,76 @@
-"""One Prefect flow per stage, each runnable alone with explicit input and output locations.
+"""One Prefect flow per registered stage, each runnable alone with explicit input and output locations.
+
+The flows are derived from `dp2o.registry`: `stage_flow(name)` builds (once) a flow whose parameters are the
+stage's config class, one URL per stage input, `out`, `root`, `storage_options`, `workers` and `runtime`, so
+the UI's form shows the stage's real config schema. `flows.stages.<name>` resolves through the module's
+`__getattr__`, which is what a deployment entrypoint such as `flows/stages.py:degrade` imports.
 
 `out=None` writes to `<root>/<stage>/<fingerprint>/`; an explicit `out` is used as the stage folder itself.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
-from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import Flow, flow
 
-from dp2o import stages
-from dp2o.config import DegradeConfig, PairsConfig, SampleConfig, ScoreConfig, TrainConfig
+from dp2o import registry
+from dp2o.errors import StageError
 from flows.common import execute_with_prefect
 
-
-@flow(name="degrade", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
-def degrade(
-    config: DegradeConfig,
-    out: str | None = None,
-    root: str = "runs",
-    storage_options: dict[str, Any] | None = None,
-) -> dict:
-    """HR photos (config.input) -> LR/HR webdataset shards + Parquet index."""
-    plan = stages.plan_degrade(config, out, root=root, storage_options=storage_options)
-    return execute_with_prefect(plan).as_dict()
+_P = inspect.Parameter
 
 
-@flow(name="sample", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def sample(
-    config: SampleConfig,
-    degraded: str,
-    out: str | None = None,
-    root: str = "runs",
-    storage_options: dict[str, Any] | None = None,
-) -> dict:
-    """M candidates per LR input of a finished degrade stage (one shard at a time: the model is shared)."""
-    plan = stages.plan_sample(config, degraded, out, root=root, storage_options=storage_options)
-    return execute_with_prefect(plan).as_dict()
+def _signature(stage: registry.Stage) -> inspect.Signature:
+    params = [_P("config", _P.KEYWORD_ONLY, annotation=stage.config)]
+    for i in stage.inputs:
+        if i.required:
+            params.append(_P(i.name, _P.KEYWORD_ONLY, annotation=str))
+        else:
+            params.append(_P(i.name, _P.KEYWORD_ONLY, annotation=str | None, default=None))
+    params += [
+        _P("out", _P.KEYWORD_ONLY, annotation=str | None, default=None),
+        _P("root", _P.KEYWORD_ONLY, annotation=str, default="runs"),
+        _P("storage_options", _P.KEYWORD_ONLY, annotation=dict[str, Any] | None, default=None),
+        _P("workers", _P.KEYWORD_ONLY, annotation=int, default=1),
+        _P("runtime", _P.KEYWORD_ONLY, annotation=dict[str, Any] | None, default=None),
+    ]
+    return inspect.Signature(params, return_annotation=dict)
 
 
-@flow(name="score", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def score(
-    config: ScoreConfig,
-    samples: str,
-    out: str | None = None,
-    root: str = "runs",
-    storage_options: dict[str, Any] | None = None,
-) -> dict:
-    """Raw IQA metrics for every candidate of a finished sample stage."""
-    plan = stages.plan_score(config, samples, out, root=root, storage_options=storage_options)
-    return execute_with_prefect(plan).as_dict()
+@functools.cache
+def stage_flow(name: str) -> Flow:
+    """The Prefect flow of one registered stage."""
+    stage = registry.get(name)
 
+    def run(**params) -> dict:
+        plan = stage.plan(
+            params["config"],
+            {i.name: params.get(i.name) for i in stage.inputs},
+            params.get("out"),
+            root=params.get("root", "runs"),
+            storage_options=params.get("storage_options"),
+            runtime=params.get("runtime"),
+        )
+        return execute_with_prefect(plan, workers=params.get("workers", 1)).as_dict()
 
-@flow(name="reward", log_prints=True)
-def reward(
-    config: ScoreConfig,
-    scores: str,
-    out: str | None = None,
-    root: str = "runs",
-    storage_options: dict[str, Any] | None = None,
-) -> dict:
-    """Hybrid reward from stored raw scores (never re-scores)."""
-    plan = stages.plan_reward(config, scores, out, root=root, storage_options=storage_options)
-    return execute_with_prefect(plan).as_dict()
-
-
-@flow(name="pairs", log_prints=True)
-def pairs(
-    config: PairsConfig,
-    scores: str,
-    out: str | None = None,
-    root: str = "runs",
-    storage_options: dict[str, Any] | None = None,
-) -> dict:
-    """Top-N x bottom-N pairs with HPO weights from a reward stage or any Parquet with sample_id/candidate/reward."""
-    plan = stages.plan_pairs(config, scores, out, root=root, storage_options=storage_options)
-    return execute_with_prefect(plan).as_dict()
-
-
-@flow(name="train", log_prints=True)
-def train(
-    config: TrainConfig,
-    pairs: str,
-    samples: str | None = None,
-    out: str | None = None,
-    root: str = "runs",
-    storage_options: dict[str, Any] | None = None,
-) -> dict:
-    """Weighted Diffusion-DPO of the sampling backend on a finished pairs stage; resumes from checkpoints."""
-    plan = stages.plan_train(
-        config, pairs, out, root=root, samples_url=samples, storage_options=storage_options
+    sig = _signature(stage)
+    run.__signature__ = sig
+    run.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()} | {"return": dict}
+    run.__name__ = run.__qualname__ = name
+    run.__module__ = __name__
+    run.__doc__ = f"{stage.description}.\n\nArgs:\n" + "\n".join(
+        f"    {i.name}: {i.help}" for i in stage.inputs
     )
-    return execute_with_prefect(plan).as_dict()
+    return flow(name=name, log_prints=True)(run)
+
+
+def __getattr__(name: str) -> Flow:
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return stage_flow(name)
+    except StageError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -416,7 +416,7 @@ def train_one(
     import tempfile
 
     from dp2o.config import TrainConfig
-    from dp2o.io import Storage
+    from dp2o.storage import Storage
     from dp2o.train.loop import train_dpo
 
     sub = rewards.filter(pc.less(rewards["candidate"], method.m))

@@ -1,4 +1,4 @@
-"""Thin Prefect tasks: each calls one function of `dp2o.stages` and passes only plans, shard specs and URLs.
+"""Thin Prefect tasks: each calls one function of `dp2o.driver` and passes only plans, shard specs and URLs.
 
 Markers in storage are the cache (a shard with a valid marker is never recomputed), so Prefect's own caching
 is off: its default key contains the run id, and a key on task source alone is blind to changes in `dp2o/`.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dp2o import stages
-from dp2o.stages import ShardSpec, StagePlan
+from dp2o import driver
+from dp2o.plan import ShardSpec, StagePlan
 
 
 def _shard_run_name() -> str:
@@ -23,15 +23,15 @@ def _shard_run_name() -> str:
 @task(cache_policy=NONE, retries=1, retry_delay_seconds=5, task_run_name=_shard_run_name)
 def run_shard_task(plan: StagePlan, spec: ShardSpec) -> dict:
     """Compute and commit one shard (retried once: a shard rewrite is idempotent)."""
-    return stages.run_shard(plan, spec)
+    return driver.run_shard(plan, spec)
 
 
 @task(cache_policy=NONE, task_run_name="{plan.stage}-all")
-def run_single_task(plan: StagePlan, specs: list[ShardSpec]) -> list[dict]:
-    """Whole-dataset stages (reward, pairs, train) run as one task over their pending shards."""
-    return stages.run_single(plan, specs)
+def run_all_task(plan: StagePlan, specs: list[ShardSpec]) -> list[dict]:
+    """A whole-dataset stage (reward, pairs, train, ...) as one task over its pending shards."""
+    return driver.run_all(plan, specs)
 
 
 @task(cache_policy=NONE, task_run_name="{plan.stage}-finalize")
 def finalize_task(plan: StagePlan) -> dict:
-    return stages.finalize(plan)
+    return driver.finalize(plan)

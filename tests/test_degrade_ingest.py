@@ -270,23 +270,38 @@ def test_bundled_fingerprint_does_not_depend_on_where_scikit_image_is_installed(
     """A second clone or a recreated virtual environment must reuse the outputs of the first."""
     import shutil
 
-    from dp2o import data, stages
+    from dp2o import data
     from dp2o.config import DegradeConfig
+    from dp2o.degrade.stage import plan as plan_degrade
 
     cfg = DegradeConfig(input="bundled://heldout")
-    here = stages.plan_degrade(cfg, root=str(tmp_path / "runs"))
+    here = plan_degrade(cfg, {}, None, root=str(tmp_path / "runs"), storage_options={}, runtime={})
     elsewhere = tmp_path / "other-venv" / "skimage" / "data"
     elsewhere.mkdir(parents=True)
     for p in data.bundled_files("bundled://heldout"):
         shutil.copy(p, elsewhere / p.name)
     monkeypatch.setattr(data, "bundled_path", lambda name: elsewhere / name)
-    moved = stages.plan_degrade(cfg, root=str(tmp_path / "runs"))
+    moved = plan_degrade(cfg, {}, None, root=str(tmp_path / "runs"), storage_options={}, runtime={})
     assert moved.shards[0].inputs[0][0].startswith(str(elsewhere))  # it reads from the new place ...
     assert moved.fingerprint == here.fingerprint  # ... under the same name
     # an ordinary folder is keyed by its location: the same files elsewhere are another input
-    a = stages.plan_degrade(DegradeConfig(input=str(elsewhere)), root=str(tmp_path / "runs"))
+    a = plan_degrade(
+        DegradeConfig(input=str(elsewhere)),
+        {},
+        None,
+        root=str(tmp_path / "runs"),
+        storage_options={},
+        runtime={},
+    )
     shutil.copytree(elsewhere, tmp_path / "copy")
-    b = stages.plan_degrade(DegradeConfig(input=str(tmp_path / "copy")), root=str(tmp_path / "runs"))
+    b = plan_degrade(
+        DegradeConfig(input=str(tmp_path / "copy")),
+        {},
+        None,
+        root=str(tmp_path / "runs"),
+        storage_options={},
+        runtime={},
+    )
     assert a.fingerprint != b.fingerprint != here.fingerprint
 
 

@@ -6,7 +6,6 @@ the classes accept, so a full sample + training step runs in well under a second
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest

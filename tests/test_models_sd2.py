@@ -178,7 +178,7 @@ def test_training_loop_starts_at_ln2_and_resumes_exactly(sd2, tmp_path, dtype):
     import pyarrow as pa
 
     from dp2o.config import TrainConfig
-    from dp2o.io import Storage
+    from dp2o.storage import Storage
     from dp2o.train.loop import train_dpo
 
     pairs = pa.table({"sample_id": ["s0", "s1", "s2", "s3"], "win": [0, 1, 2, 3], "lose": [4, 5, 6, 7]})

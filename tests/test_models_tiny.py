@@ -162,7 +162,7 @@ def test_train_loop_draws_timesteps_from_the_configured_range(tmp_path):
     import pyarrow as pa
 
     from dp2o.config import TrainConfig
-    from dp2o.io import Storage
+    from dp2o.storage import Storage
     from dp2o.train.loop import train_dpo
 
     backend = TinyBackend.from_random(seed=3, unet_config=SMALL_UNET)

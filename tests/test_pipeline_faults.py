@@ -15,9 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from dp2o import stages
-from dp2o.io import Storage
-from dp2o.runner import run_pipeline
+from dp2o.driver import run_pipeline
+from dp2o.errors import StageError
+from dp2o.plan import read_stage_table
+from dp2o.storage import Storage
 from tests.helpers import make_hr_folder, stage_files, tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
     extra = {"sample": {"num_candidates": 6, "batch_size": 6}, "train": {"steps": 6, "checkpoint_every": 2}}
     clean_cfg = tiny_pipeline_config(str(tmp_path / "clean"), str(hr), **extra)
     killed_cfg = tiny_pipeline_config(str(tmp_path / "killed"), str(hr), **extra)
-    clean = run_pipeline(clean_cfg, log=lambda s: None)
+    clean = run_pipeline(clean_cfg)
 
     # kill once in the middle of sampling (some shards committed, others not) ...
     proc = _run_cli(_write_cfg(tmp_path / "killed.yaml", killed_cfg))
@@ -68,7 +69,7 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    resumed = run_pipeline(killed_cfg, log=lambda s: None)
+    resumed = run_pipeline(killed_cfg)
     assert resumed["train"].manifest["stats"]["resumed_from"] > 0
     for stage, r in clean.items():
         a, b = stage_files(Path(r.url)), stage_files(Path(resumed[stage].url))
@@ -80,7 +81,7 @@ def test_sigkill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
                 assert ta.select(cols).equals(tb.select(cols)), (stage, rel)
             else:
                 assert a[rel] == b[rel], (stage, rel)
-    ids = stages.read_stage_table(Storage(resumed["sample"].url), ["sample_id", "candidate"]).to_pylist()
+    ids = read_stage_table(Storage(resumed["sample"].url), ["sample_id", "candidate"]).to_pylist()
     assert len(ids) == len({(d["sample_id"], d["candidate"]) for d in ids})  # none duplicated
 
 
@@ -101,8 +102,8 @@ def _messy_folder(folder: Path) -> Path:
 def test_bad_inputs_become_error_rows(tmp_path):
     hr = _messy_folder(tmp_path / "hr")
     cfg = tiny_pipeline_config(str(tmp_path / "run"), str(hr), degrade={"crops_per_image": 1, "min_size": 96})
-    results = run_pipeline(cfg, log=lambda s: None, until="sample")
-    table = stages.read_stage_table(Storage(results["degrade"].url))
+    results = run_pipeline(cfg, until="sample")
+    table = read_stage_table(Storage(results["degrade"].url))
     by_source = {
         Path(s).name: (st, err)
         for s, st, err in zip(
@@ -125,5 +126,5 @@ def test_too_many_failures_is_a_clear_stage_error(tmp_path):
     cfg = tiny_pipeline_config(
         str(tmp_path / "run"), str(hr), degrade={"max_failed_fraction": 0.1, "min_size": 96}
     )
-    with pytest.raises(stages.StageError, match="max_failed_fraction"):
-        run_pipeline(cfg, log=lambda s: None, until="degrade")
+    with pytest.raises(StageError, match="max_failed_fraction"):
+        run_pipeline(cfg, until="degrade")

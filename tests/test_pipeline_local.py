@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dp2o import stages
-from dp2o.io import Storage
-from dp2o.runner import run_pipeline, summary
+from dp2o.driver import run_pipeline, summary
+from dp2o.plan import read_stage_table
+from dp2o.storage import Storage
 from tests.helpers import make_hr_folder, stage_files, tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def finished(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe")
     hr = make_hr_folder(base / "hr", n=4)
     cfg = tiny_pipeline_config(str(base / "run"), str(hr))
-    results = run_pipeline(cfg, log=lambda s: None)
+    results = run_pipeline(cfg)
     return cfg, results, base
 
 
@@ -32,13 +32,13 @@ def test_every_stage_writes_its_contract(finished):
         assert col in deg.column_names
     assert results["degrade"].manifest["rows"] == 8  # 4 photos x 2 crops
     assert results["sample"].manifest["rows"] == 8 * cfg.sample.num_candidates
-    sample = stages.read_stage_table(Storage(results["sample"].url))
+    sample = read_stage_table(Storage(results["sample"].url))
     assert set(sample.column_names) >= {"sample_id", "candidate", "seed", "backend", "status", "error"}
     assert len(set(sample["seed"].to_pylist())) == sample.num_rows  # one distinct recorded seed per candidate
-    reward = stages.read_stage_table(Storage(results["reward"].url))
+    reward = read_stage_table(Storage(results["reward"].url))
     r = reward["reward"].to_numpy()
     assert ((r >= 0) & (r <= 1)).all()
-    pairs = stages.read_stage_table(Storage(results["pairs"].url))
+    pairs = read_stage_table(Storage(results["pairs"].url))
     for col in ("sample_id", "win", "lose", "reward_win", "reward_lose", "w_intra", "w_inter", "weight"):
         assert col in pairs.column_names
     assert (pairs["reward_win"].to_numpy() >= pairs["reward_lose"].to_numpy()).all()
@@ -66,7 +66,7 @@ def test_first_dpo_loss_is_ln2(finished):
 def test_rerun_recomputes_nothing(finished):
     cfg, first, _ = finished
     before = {s: stage_files(Path(r.url)) for s, r in first.items()}
-    again = run_pipeline(cfg, log=lambda s: None)
+    again = run_pipeline(cfg)
     assert all(r.computed == 0 for r in again.values()), {s: r.computed for s, r in again.items()}
     assert {s: stage_files(Path(r.url)) for s, r in again.items()} == before
 
@@ -74,10 +74,10 @@ def test_rerun_recomputes_nothing(finished):
 def test_config_change_recomputes_only_downstream(finished):
     cfg, first, _ = finished
     changed = cfg.model_copy(update={"pairs": cfg.pairs.model_copy(update={"weighting": "uniform"})})
-    again = run_pipeline(changed, log=lambda s: None)
+    again = run_pipeline(changed)
     for s in ("degrade", "sample", "score", "reward"):
         assert again[s].computed == 0 and again[s].url == first[s].url
     for s in ("pairs", "train"):
         assert again[s].computed == 1 and again[s].url != first[s].url
-    w = stages.read_stage_table(Storage(again["pairs"].url))["weight"].to_numpy()
+    w = read_stage_table(Storage(again["pairs"].url))["weight"].to_numpy()
     assert (w == 1.0).all()

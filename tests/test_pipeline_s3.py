@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dp2o import stages
-from dp2o.io import Storage
-from dp2o.runner import run_pipeline
+from dp2o.driver import run_pipeline
+from dp2o.plan import read_stage_table
+from dp2o.storage import Storage
 from tests.helpers import make_hr_folder, tiny_pipeline_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
@@ -36,13 +36,13 @@ def test_pipeline_on_s3_then_cached_rerun(tmp_path, s3_server):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.put(str(hr_local), "dp2o-test/hr", recursive=True)
     cfg = tiny_pipeline_config("s3://dp2o-test/run", "s3://dp2o-test/hr", storage_options=s3_server)
-    first = run_pipeline(cfg, log=lambda s: None)
+    first = run_pipeline(cfg)
     assert first["degrade"].manifest["rows"] == 4 and first["degrade"].manifest["errors"] == 0
     assert first["train"].url.startswith("s3://dp2o-test/run/train/")
     st = Storage(first["pairs"].url, s3_server)
-    assert stages.read_stage_table(st).num_rows > 0
+    assert read_stage_table(st).num_rows > 0
     assert st.exists("_MANIFEST.json")
     assert Storage(first["train"].url, s3_server).listdir("model")
 
-    again = run_pipeline(cfg, log=lambda s: None)
+    again = run_pipeline(cfg)
     assert all(r.computed == 0 for r in again.values())

@@ -24,3 +24,24 @@ __all__ = [
     "summarize_over_seeds",
     "t_interval",
 ]
+
+#: the evaluate stage's in-memory building blocks, imported on first use (`dp2o.evaluate.stage` pulls in the
+#: stage registry, which `import dp2o.evaluate` alone should not)
+_STAGE_EXPORTS = (
+    "at_m_summary",
+    "evaluation_seed",
+    "fit_bounds",
+    "hybrid_reward",
+    "sample_candidates",
+    "score_candidates",
+    "summary_markdown",
+)
+__all__ += list(_STAGE_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _STAGE_EXPORTS:
+        from dp2o.evaluate import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module 'dp2o.evaluate' has no attribute {name!r}")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from dp2o.errors import Dp2oError
 
-class BackendError(ValueError):
+
+class BackendError(Dp2oError, ValueError):
     """A backend could not be built from its config; the message names the config field and the fix."""
 
 

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from dp2o.errors import Dp2oError
+
 WeightLocation = Literal["pyiqa", "torch_checkpoints", "clip", "hf"]
 
 
@@ -239,7 +241,7 @@ def resolve_metrics(names_or_preset: str | Sequence[str]) -> list[MetricSpec]:
     return [METRICS[n] for n in names]
 
 
-class MetricWeightsMissing(RuntimeError):
+class MetricWeightsMissing(Dp2oError, RuntimeError):
     """A metric's weight files are not on this machine (and were not, or could not be, downloaded)."""
 
 

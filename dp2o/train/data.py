@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from dp2o import io as dio
-from dp2o.io import Storage
+from dp2o import storage as dio
+from dp2o.storage import Storage
 from dp2o.tario import TarReader, to_tensor01
 
 
@@ -60,7 +60,7 @@ class PairImages:
 
     def candidates(self, sample_ids: Sequence[str], candidates: Sequence[int]) -> torch.Tensor:
         """float [B, 3, H, W] in [0, 1]."""
-        from dp2o.stages import candidate_key
+        from dp2o.sample import candidate_key
 
         return to_tensor01(
             self._reader("sample", self.shard_of(s)).image(f"{candidate_key(s, int(c))}.sr.png")

@@ -13,6 +13,7 @@ the new one is complete; "latest" is the newest *complete* checkpoint.
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -25,11 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dp2o import io as dio
+from dp2o import storage as dio
 from dp2o.config import TrainConfig, canonical
-from dp2o.io import Storage
 from dp2o.models.base import Backend, NoisedBatch
 from dp2o.seeding import derive_seed, numpy_rng, torch_generator
+from dp2o.storage import Storage
 from dp2o.train.losses import dpo_loss
 
 CHECKPOINTS = "checkpoints"
@@ -163,13 +164,14 @@ def train_dpo(
     images,
     cfg: TrainConfig,
     out: Storage,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train `backend`'s policy on `pairs` (sample_id, win, lose[, weight]); checkpoints go under `out`.
 
     images: provides `candidates(sample_ids, candidate_ids)` and `lr(sample_ids)` as float [B,3,H,W] in [0, 1]
     (see `dp2o.train.data.PairImages`). Resumes from the newest complete checkpoint in `out` if there is one.
     """
+    log = log or logging.getLogger("dp2o").info
     n_pairs = pairs.num_rows
     if n_pairs == 0:
         raise ValueError(

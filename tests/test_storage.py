@@ -6,8 +6,8 @@ import json
 
 import pyarrow as pa
 
-from dp2o import io as dio
-from dp2o.io import ShardOutput, Storage, commit_shard, read_marker
+from dp2o import storage as dio
+from dp2o.storage import ShardOutput, Storage, commit_shard, read_marker
 
 
 def _shard(tmp_path, name="shard-00000", rows=3):

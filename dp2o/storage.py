@@ -243,3 +243,12 @@ def read_marker(stage_dir: Storage, name: str, *, fingerprint: str, verify_hash:
 def read_parquet(stage_dir: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
     with stage_dir.open(rel) as f:
         return pq.read_table(f, columns=columns)
+
+
+def local_copy(stage_dir: Storage, rel: str, tmp: Path) -> Path:
+    """A local path to read `rel` of a stage folder: the file itself when local, else a download into `tmp`
+    (named after the stage folder too: a stage may read two stages' files with the same shard name)."""
+    if stage_dir.local:
+        return Path(stage_dir.p(rel))
+    dest = tmp / f"{hashlib.sha1(stage_dir.url.encode()).hexdigest()[:12]}-{rel.replace('/', '__')}"
+    return stage_dir.download(rel, to=dest)

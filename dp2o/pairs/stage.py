@@ -1,0 +1,138 @@
+"""The pairs stage: top-N x bottom-N preference pairs with hierarchical weights, from every candidate's reward.
+
+Its input is a finished reward stage folder, or any Parquet file/folder of the user's with `sample_id`,
+`candidate`, `reward` (then `upstream` records the URL and a hash of the file list). It needs every group at
+once, so it runs as one task and writes one shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dp2o.config import PairsConfig, fingerprint
+from dp2o.errors import StageError
+from dp2o.plan import (
+    ShardSpec,
+    StagePlan,
+    Upstream,
+    find_stage_dir,
+    listing_hash,
+    out_url,
+    parquet_files,
+    read_manifest,
+    read_stage_table,
+)
+from dp2o.registry import Flag, Input, Stage
+from dp2o.storage import ShardOutput, Storage, shard_name, write_parquet
+
+SCORE_COLUMNS = ["sample_id", "candidate", "reward"]
+
+
+def plan(cfg: PairsConfig, inputs, out, *, root, storage_options, runtime) -> StagePlan:
+    url = inputs["scores"]
+    found = find_stage_dir(url, storage_options)
+    if found is not None:
+        up = Upstream(found, read_manifest(found))
+        entry = up.entry
+        upstream = {"reward": entry, **up.lineage}
+    else:
+        files = parquet_files(url, storage_options)
+        entry = {"url": url, "fingerprint": listing_hash(f"{p}|{n}" for p, n in files), "stage": "external"}
+        upstream = {"reward": entry}
+    fp = fingerprint("pairs", cfg, [entry["fingerprint"]])
+    return StagePlan(
+        "pairs",
+        fp,
+        out_url(out, root, "pairs", fp),
+        cfg,
+        [ShardSpec(0, shard_name(0))],
+        upstream=upstream,
+        storage_options=storage_options,
+    )
+
+
+def load_scores_table(url: str, storage_options: dict):
+    """sample_id, candidate, reward from a finished reward stage folder or any Parquet file/folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    found = find_stage_dir(url, storage_options)
+    if found is not None:
+        return read_stage_table(found, SCORE_COLUMNS)
+    s = Storage(url, storage_options)
+    parts = []
+    for path, _ in parquet_files(url, storage_options):
+        with s.fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+        missing = [c for c in SCORE_COLUMNS if c not in t.column_names]
+        if missing:
+            raise StageError(f"{path}: missing column(s) {missing}; pairs needs {SCORE_COLUMNS}")
+        parts.append(t.select(SCORE_COLUMNS))
+    return pa.concat_tables(parts)
+
+
+def _json_number(v: Any) -> Any:
+    """NumPy scalars as Python numbers; NaN (e.g. mu_sigma when no group yields pairs) as null."""
+    import numpy as np
+
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
+def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutput]:
+    import pyarrow.compute as pc
+
+    from dp2o.pairs.build import build_pairs
+
+    cfg: PairsConfig = plan.config
+    scores = load_scores_table(plan.upstream["reward"]["url"], plan.storage_options)
+    scores = scores.filter(pc.is_valid(scores["reward"]))
+    table, stats = build_pairs(
+        scores["sample_id"],  # Arrow column: 10M strings as a NumPy object array would cost seconds
+        scores["candidate"].to_numpy(),
+        scores["reward"].to_numpy(),
+        n_top=cfg.n_top,
+        weighting=cfg.weighting,
+    )
+    name = todo[0].name
+    p = tmp / f"{name}.parquet"
+    write_parquet(table, p)
+    st = {k: _json_number(v) for k, v in stats.to_dict().items()}
+    return [ShardOutput(name, {f"data/{name}.parquet": str(p)}, rows=table.num_rows, stats=st)]
+
+
+def summarize(m: dict) -> list[str]:
+    st = m["stats"]
+    return [
+        f"pairs:   {m['rows']} pairs from {st.get('groups_with_pairs')} of "
+        f"{st.get('groups')} groups ({st.get('groups_zero_spread')} zero-spread skipped)"
+    ]
+
+
+STAGE = Stage(
+    name="pairs",
+    version=1,
+    config=PairsConfig,
+    section="pairs",
+    inputs=(
+        Input(
+            "scores",
+            "reward",
+            "--scores",
+            "reward stage folder, or any Parquet file/folder with sample_id, candidate, reward",
+        ),
+    ),
+    planner=plan,
+    description="top-N x bottom-N preference pairs with HPO weights",
+    run_all=run_all,
+    resources="cpu",
+    summarize=summarize,
+    flags=(
+        Flag("--n-top", "n_top", "N: top-N winners x bottom-N losers per input (1 = best vs worst)", int),
+        Flag("--weighting", "weighting", "hierarchical weights or weight 1", str, ("hpo", "uniform")),
+    ),
+)

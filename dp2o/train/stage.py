@@ -1,0 +1,117 @@
+"""The train stage: weighted Diffusion-DPO of the sampling backend on a pairs stage, one task.
+
+The backend is rebuilt from the sample stage's recorded (canonical) backend config, so training always tunes
+the model that made the candidates, plus the runtime-only backend fields of the current run (device,
+gradient checkpointing, compile, CPU offload): those are not recorded upstream because they do not change
+results, so they come from the run's config through `StagePlan.runtime`. Checkpoints are written under the
+stage folder by the training loop as it goes (full state, marker last); the final model and the metrics
+table are the stage's one shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dp2o.config import TrainConfig, fingerprint, runtime_fields
+from dp2o.errors import StageError
+from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url, read_manifest, read_stage_table
+from dp2o.registry import Flag, Input, Stage
+from dp2o.storage import ShardOutput, write_parquet
+
+
+def runtime_of(cfg) -> dict:
+    """The runtime-only fields of the pipeline's sampling backend (they apply to training the same model)."""
+    return {"backend": runtime_fields(cfg.sample.backend)}
+
+
+def plan(cfg: TrainConfig, inputs, out, *, root, storage_options, runtime) -> StagePlan:
+    up = Upstream.at(inputs["pairs"], storage_options, "pairs")
+    upstream = {"pairs": up.entry, **up.lineage}
+    if inputs.get("samples"):
+        samples = Upstream.at(inputs["samples"], storage_options, "sample")
+        upstream["sample"] = samples.entry
+        upstream["degrade"] = samples.lineage["degrade"]
+    if "sample" not in upstream:
+        raise StageError(
+            f"train: cannot find the sampled candidates for pairs at {inputs['pairs']}; pass --samples"
+        )
+    fp = fingerprint("train", cfg, [up.entry["fingerprint"], upstream["sample"]["fingerprint"]])
+    return StagePlan(
+        "train",
+        fp,
+        out_url(out, root, "train", fp),
+        cfg,
+        [ShardSpec(0, "train")],
+        upstream=upstream,
+        storage_options=storage_options,
+        runtime=dict(runtime),
+    )
+
+
+def backend_config(plan: StagePlan):
+    """The sample stage's recorded backend config plus this run's runtime-only backend fields."""
+    from dp2o.models import BackendConfig
+
+    recorded = read_manifest(plan.upstream_dir("sample"))["config"]["backend"]
+    return BackendConfig.model_validate({**recorded, **plan.runtime.get("backend", {})})
+
+
+def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutput]:
+    from dp2o.models import build_backend
+    from dp2o.train.data import PairImages
+    from dp2o.train.loop import train_dpo
+
+    cfg: TrainConfig = plan.config
+    backend = build_backend(backend_config(plan))
+    pairs = read_stage_table(plan.upstream_dir("pairs"))
+    images = PairImages(plan.upstream_dir("sample"), plan.upstream_dir("degrade"), cache_dir=tmp / "cache")
+    try:
+        result = train_dpo(backend, pairs, images, cfg, plan.out)
+    finally:
+        images.close()
+    files = {}
+    mdir = tmp / "model"
+    backend.save_trainable(mdir)
+    for f in sorted(mdir.rglob("*")):
+        if f.is_file():
+            files[f"model/{f.relative_to(mdir).as_posix()}"] = str(f)
+    mp = tmp / "metrics.parquet"
+    write_parquet(result.metrics, mp)
+    files["data/metrics.parquet"] = str(mp)
+    return [ShardOutput("train", files, rows=result.metrics.num_rows, stats=result.stats)]
+
+
+def summarize(m: dict) -> list[str]:
+    st = m["stats"]
+    w = st.get("window", 1)
+    return [
+        f"train:   {st.get('steps')} steps; loss {st.get('loss_first_window'):.4f} -> "
+        f"{st.get('loss_last_window'):.4f}, implicit acc {st.get('implicit_acc_last_window'):.3f} "
+        f"(means of the first/last {w} steps)",
+        f"         tuned model: {m['url']}/model",
+    ]
+
+
+STAGE = Stage(
+    name="train",
+    version=1,
+    config=TrainConfig,
+    section="train",
+    inputs=(
+        Input("pairs", "pairs", "--pairs", "finished pairs stage folder"),
+        Input(
+            "samples",
+            None,
+            "--samples",
+            "sample stage folder holding the candidates (default: from the pairs' lineage)",
+            required=False,
+        ),
+    ),
+    planner=plan,
+    description="weighted Diffusion-DPO on a pairs stage",
+    run_all=run_all,
+    resources="gpu",
+    summarize=summarize,
+    runtime_of=runtime_of,
+    flags=(Flag("--steps", "steps", "optimiser steps", int),),
+)
