@@ -8,7 +8,7 @@ genuine BasicSR path (RealESRGANDataset kernels + RealESRGANModel.feed_data, its
 (PSNR of the bicubic-upsampled LR vs the HR, estimated noise sigma, Laplacian-variance sharpness) compared
 with two-sample KS tests. Writes benchmarks/results/degrade_fidelity.json.
 
-    BASICSR_PATH=/path/to/basicsr-target python benchmarks/degrade_fidelity.py [--n 500] [--crop 256]
+    PYTHONPATH=/path/to/basicsr-target python -m benchmarks.degrade_fidelity [--n 500] [--crop 256]
 
 Exits 0 with a message (and writes nothing) when basicsr is not importable.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from degrade_reference import (  # noqa: E402
+from benchmarks.degrade_reference import (
     SKIP_MESSAGE,
     BasicSRChain,
     basicsr_chain_with_params,
@@ -36,7 +34,6 @@ from degrade_reference import (  # noqa: E402
     crops,
     import_basicsr,
 )
-
 from dp2o.degrade import DegradationConfig, degrade_batch, ops, sample_params  # noqa: E402
 from dp2o.degrade.pipeline import blur, kernel_array, usm_kernel  # noqa: E402
 from dp2o.seeding import derive_seed, torch_generator  # noqa: E402

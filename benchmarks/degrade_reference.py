@@ -1,7 +1,7 @@
 """BasicSR 1.4.2 as a reference for dp2o.degrade: import it if available and drive its code paths.
 
 Used only by the degradation benchmarks and the (skippable) fidelity test; basicsr is never a dependency of
-dp2o. Point `BASICSR_PATH` at a `pip install --target` folder holding basicsr==1.4.2, or install it into a
+dp2o. Put a `pip install --target` folder holding basicsr==1.4.2 on `PYTHONPATH`, or install it into a
 separate environment. BasicSR 1.4.2 imports `torchvision.transforms.functional_tensor`, which current
 torchvision renamed to `_functional_tensor`; we alias it before importing.
 
@@ -16,7 +16,6 @@ Two reference paths are offered:
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import tempfile
 import types
@@ -34,9 +33,6 @@ from dp2o.seeding import numpy_rng
 
 def import_basicsr() -> types.SimpleNamespace | None:
     """The BasicSR pieces we compare against, or None if basicsr is not importable."""
-    extra = os.environ.get("BASICSR_PATH")
-    if extra and extra not in sys.path:
-        sys.path.append(extra)
     import torchvision.transforms._functional_tensor as functional_tensor
 
     sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)
@@ -62,7 +58,7 @@ def import_basicsr() -> types.SimpleNamespace | None:
 
 SKIP_MESSAGE = (
     "basicsr is not importable: install basicsr==1.4.2 outside the project "
-    "(pip install --no-deps --target DIR basicsr==1.4.2) and set BASICSR_PATH=DIR"
+    "(pip install --no-deps --target DIR basicsr==1.4.2) and run with PYTHONPATH=DIR"
 )
 
 

@@ -6,7 +6,7 @@ degrade_batch. CPU runs use ONE thread (torch.set_num_threads(1)). With CUDA, bo
 our CPU and GPU outputs for the same parameters are compared (they agree up to float rounding, which JPEG
 quantisation can turn into a few differing levels). Also writes a profile of where our time goes.
 
-    BASICSR_PATH=/path/to/basicsr-target python benchmarks/degrade_speed.py [--n 24] [--device cpu,cuda]
+    PYTHONPATH=/path/to/basicsr-target python -m benchmarks.degrade_speed [--n 24] [--device cpu,cuda]
 
 Without basicsr, ours is still measured and the baseline is reported as skipped.
 """
@@ -18,18 +18,15 @@ import cProfile
 import json
 import platform
 import pstats
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from degrade_reference import SKIP_MESSAGE, BasicSRChain, crops, import_basicsr  # noqa: E402
-
-from dp2o.degrade import DegradationConfig, degrade_batch, sample_params  # noqa: E402
-from dp2o.seeding import derive_seed  # noqa: E402
+from benchmarks.degrade_reference import SKIP_MESSAGE, BasicSRChain, crops, import_basicsr
+from dp2o.degrade import DegradationConfig, degrade_batch, sample_params
+from dp2o.seeding import derive_seed
 
 #: the functions whose cumulative time the profile reports (ours)
 PROFILED = (

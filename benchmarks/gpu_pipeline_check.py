@@ -1,6 +1,6 @@
 """CUDA checks of the built-in pieces: tiny-model sampling (CPU vs GPU, batch vs alone), a DPO step, throughput.
 
-    python benchmarks/gpu_pipeline_check.py --out benchmarks/results/gpu_pipeline_check.json
+    python -m benchmarks.gpu_pipeline_check --out benchmarks/results/gpu_pipeline_check.json
 
 Needs only torch, diffusers, safetensors, pydantic, numpy, pyarrow (no pyiqa/prefect), so it runs on a bare GPU
 machine with diffusers carried as a wheel. Baseline for throughput: the same model on this machine's CPU.

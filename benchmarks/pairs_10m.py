@@ -11,7 +11,7 @@ extrapolation is fair; it is labelled as such in the JSON. Both sides report the
 (the machine is shared; the minimum is the least disturbed measurement). The baseline's pairs on that subset are also
 compared with `build_pairs` on the same subset, so the speed-up is between implementations that agree.
 
-    PYTHONPATH=. python benchmarks/pairs_10m.py       # writes benchmarks/results/pairs_10m.json
+    python -m benchmarks.pairs_10m       # writes benchmarks/results/pairs_10m.json
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ FLUX: by default the real transformer (12B parameters, 19 double + 38 single blo
 real-width 4-block ControlNet, but 1-layer T5/CLIP text encoders: prompt embeddings are cached, so encoder
 depth does not enter the sampling time. `--flux-layers/--flux-single-layers` shrink the depth for small GPUs.
 
-  python benchmarks/sample_gpu.py --out benchmarks/results/sample_gpu.json [--compile] [--vendor DIR]
-  python benchmarks/sample_gpu.py --quick --out /tmp/sample_gpu_quick.json     # CPU dry run, tiny models
+  python -m benchmarks.sample_gpu --out benchmarks/results/sample_gpu.json [--compile]
+  python -m benchmarks.sample_gpu --quick --out /tmp/sample_gpu_quick.json     # CPU dry run, tiny models
+
+A machine without diffusers can take a `pip install --target DIR` copy of it on PYTHONPATH (run from the
+repository root): `PYTHONPATH=$PWD:DIR python3 -m benchmarks.sample_gpu ...`.
 """
 
 from __future__ import annotations
@@ -152,13 +155,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", type=Path, default=Path("benchmarks/results/sample_gpu.json"), help="JSON result path"
     )
     p.add_argument(
-        "--vendor",
-        type=Path,
-        action="append",
-        default=[],
-        help="folder prepended to sys.path (a pip --target install of diffusers); repeatable, first wins",
-    )
-    p.add_argument(
         "--quick", action="store_true", help="tiny models, tiny images: a CPU dry run of every path"
     )
     p.add_argument("--steps", type=int, help="SD2 sampler steps (default 50; 2 with --quick); FLUX uses half")
@@ -186,9 +182,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    for folder in reversed(args.vendor):
-        sys.path.insert(0, str(folder.resolve()))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
     torch.set_num_threads(1 if args.quick else min(8, torch.get_num_threads()))
@@ -201,10 +194,10 @@ def main(argv=None) -> dict:
     try:
         import diffusers
     except ImportError as exc:
-        # exit code 3 (not 1) lets a wrapper retry with another --vendor folder without rerunning failures
+        # exit code 3 (not 1) lets a wrapper retry with another PYTHONPATH without rerunning failures
         print(
-            f"cannot import diffusers ({exc}); pass --vendor DIR with a `pip install --target DIR` of diffusers "
-            "(and, if the error names huggingface_hub, a newer huggingface_hub in a second --vendor folder)",
+            f"cannot import diffusers ({exc}); put a `pip install --target DIR` of diffusers on PYTHONPATH "
+            "(and, if the error names huggingface_hub, a newer huggingface_hub in a folder before it)",
             file=sys.stderr,
         )
         sys.exit(3)

@@ -100,7 +100,6 @@ class PairsConfig(_Frozen):
 
     n_top: int = Field(8, ge=1, description="N: winners are the top N, losers the bottom N of each group")
     weighting: Literal["hpo", "uniform"] = Field("hpo", description="hierarchical weights or weight 1")
-    rows_per_shard: int = runtime(default=1_000_000, ge=1, description="pairs per output Parquet file")
 
 
 class TrainConfig(_Frozen):

@@ -156,10 +156,6 @@ def register(stage: Stage) -> Stage:
     return stage
 
 
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
 def stages() -> list[Stage]:
     """Every registered stage, pipeline order first."""
     _load_builtin()

@@ -1,6 +1,6 @@
 """How consistent is the Diffusion-DPO gradient of the tiny model, per band of timesteps?
 
-    python scripts/dpo_gradient_consistency.py            # writes docs/mini_repro/gradient_consistency.json
+    python -m scripts.dpo_gradient_consistency            # writes docs/mini_repro/gradient_consistency.json
 
 At initialisation (policy = reference) the DPO gradient of a pair is proportional to ∇(e_θ^w − e_θ^l) at one
 drawn (t, ε). For each band of t, this script averages that gradient over two independent sets of
@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mini_repro  # noqa: E402
-
-from dp2o.evaluate.scoring import RewardModel  # noqa: E402
-from dp2o.pairs.build import build_pairs  # noqa: E402
-from dp2o.reward.hybrid import RewardConfig  # noqa: E402
-from dp2o.seeding import derive_seed, numpy_rng  # noqa: E402
-from dp2o.train.loop import share_noise  # noqa: E402
+from dp2o.evaluate.scoring import RewardModel
+from dp2o.pairs.build import build_pairs
+from dp2o.reward.hybrid import RewardConfig
+from dp2o.seeding import derive_seed, numpy_rng
+from dp2o.train.loop import share_noise
+from scripts import mini_repro
 
 BANDS = ((0.0, 0.05), (0.05, 0.2), (0.2, 0.5), (0.5, 1.0), (0.0, 0.3), (0.0, 1.0))
 

@@ -1,7 +1,7 @@
 """Miniature reproduction of DP²O-SR's main comparison with the built-in tiny model, in one command on a CPU.
 
-    python scripts/mini_repro.py                 # the shipped configuration, writes docs/mini_repro.md + plot
-    python scripts/mini_repro.py --preset smoke  # a minute-long plumbing check (numbers meaningless)
+    python -m scripts.mini_repro                 # the shipped configuration, writes docs/mini_repro.md + plot
+    python -m scripts.mini_repro --preset smoke  # a minute-long plumbing check (numbers meaningless)
 
 What runs, using the library directly (no Prefect):
 1. HR crops of `bundled://train` photos (training) and of `bundled://heldout` photos (evaluation only), degraded
@@ -43,9 +43,9 @@ import torch
 
 from dp2o.data import BUNDLED_PHOTOS
 from dp2o.degrade.config import DegradationConfig
-from dp2o.degrade.ingest import crop_origin, list_sources, load_hr
-from dp2o.degrade.params import sample_params
-from dp2o.degrade.pipeline import degrade_batch, min_hr_side
+from dp2o.degrade.crops import degraded_crops as lib_degraded_crops
+from dp2o.degrade.ingest import list_sources, load_hr
+from dp2o.degrade.pipeline import min_hr_side
 from dp2o.evaluate import (
     AT_M_STATS,
     difference_vs,
@@ -55,6 +55,7 @@ from dp2o.evaluate import (
     seed_differences,
     summarize_over_seeds,
 )
+from dp2o.evaluate import sample_candidates as lib_sample_candidates
 from dp2o.evaluate.scoring import RewardModel
 from dp2o.models.tiny import UNET_WEIGHTS_FILE, TinyBackend, bundled_weights_dir
 from dp2o.pairs.build import build_pairs
@@ -313,36 +314,13 @@ def crop_photos(uri: str, n: int, stage: str, keep=None) -> dict[str, str]:
 def degraded_crops(
     uri: str, n: int, crop: int, seed: int, stage: str, keep=None
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """n crops spread round-robin over the photos of `uri` → (ids, hr_target uint8 [n,3,crop,crop], lr uint8).
-
-    `keep(name) -> bool` selects photos by file name (default: all).
-
-    The Real-ESRGAN chain needs HR crops of at least `min_hr_side` (76 px with the defaults, for its 21-tap
-    kernels); smaller evaluation crops are degraded at the smallest fitting size and then centre-cropped in HR
-    and LR together, so they are exactly what the chain would give inside a larger image.
-    """
-    cfg = DegradationConfig()
-    big = crop
-    while big < min_hr_side(cfg) or (big - crop) % (2 * cfg.scale):
-        big += cfg.scale
-    photos = [load_hr(ref, min_size=big) for ref in photo_refs(uri, keep)]
-    ids, hrs, params = [], [], []
-    for i in range(n):
-        k = i % len(photos)
-        s = derive_seed(seed, stage, i)
-        y, x = crop_origin(photos[k].shape[0], photos[k].shape[1], big, s)
-        ids.append(f"{stage}-{i:04d}")
-        hrs.append(
-            torch.from_numpy(np.ascontiguousarray(photos[k][y : y + big, x : x + big])).permute(2, 0, 1)
-        )
-        params.append(sample_params(cfg, s))
-    hr, lr = degrade_batch(torch.stack(hrs), params, cfg)
-    o = (big - crop) // 2
-    return (
-        ids,
-        hr[..., o : o + crop, o : o + crop],
-        lr[..., o // cfg.scale :, o // cfg.scale :][..., : crop // cfg.scale, : crop // cfg.scale],
-    )
+    """n crops spread round-robin over the photos of `uri` → (ids, hr_target uint8 [n,3,crop,crop], lr uint8);
+    `keep(name) -> bool` selects photos by file name (default: all). See `dp2o.degrade.crops.degraded_crops`."""
+    photos = [
+        load_hr(ref, min_size=max(crop, min_hr_side(DegradationConfig()))) for ref in photo_refs(uri, keep)
+    ]
+    hr, lr = lib_degraded_crops(photos, n, crop, seed, stage)
+    return [f"{stage}-{i:04d}" for i in range(n)], hr, lr
 
 
 def split_sources(split: str, val_photos: tuple[str, ...] = VAL_PHOTOS, heldout: str = "bundled://heldout"):
@@ -377,19 +355,11 @@ def candidate_seed(seed: int, sample_id: str, candidate: int) -> int:
 
 def sample_candidates(
     backend: TinyBackend, ids: list[str], lr: torch.Tensor, m: int, seed: int, batch: int = 16
-):
+) -> torch.Tensor:
     """M candidates per input: float [n, m, 3, H, W] in [0, 1] (seed of (input, candidate) fixed by `seed`)."""
-    rows = [(i, c) for i in range(len(ids)) for c in range(m)]
-    out = torch.empty(len(ids), m, 3, lr.shape[-2] * backend.scale, lr.shape[-1] * backend.scale)
-    lr01 = lr.float() / 255
-    backend.eval()
-    for lo in range(0, len(rows), batch):
-        chunk = rows[lo : lo + batch]
-        idx = torch.tensor([i for i, _ in chunk])
-        sr = backend.sample(lr01[idx], [candidate_seed(seed, ids[i], c) for i, c in chunk])
-        for (i, c), img in zip(chunk, sr, strict=True):
-            out[i, c] = img
-    return out
+    return lib_sample_candidates(
+        backend, ids, lr, m, seed, batch, seed_of=lambda sid, c: candidate_seed(seed, sid, c)
+    )
 
 
 class MemoryImages:
@@ -692,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = parse_args(argv)
-    command = "python scripts/mini_repro.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m scripts.mini_repro " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         all_evals, methods, timings, runs_info, commands = merge(args)
         if len(commands) == 1:  # one invocation's outputs, re-reported: name the command that computed them

@@ -1,9 +1,9 @@
 """Cross-validated tuning for the miniature reproduction: leave-photos-out folds of `bundled://train`.
 
-    python scripts/mini_repro_cv.py --methods 16:1:uniform 16:4:hpo 32:8:hpo --seeds 5 --eval-inputs 8
+    python -m scripts.mini_repro_cv --methods 16:1:uniform 16:4:hpo 32:8:hpo --seeds 5 --eval-inputs 8
 
 Each fold leaves some photos of `bundled://train` out of training and evaluates on them: it runs
-`scripts/mini_repro.py --split photo-val --val-photos FOLD ...` with every other option passed through. The
+`python -m scripts.mini_repro --split photo-val --val-photos FOLD ...` with every other option passed through. The
 default folds leave out one natural photograph each (astronaut, chelsea, motorcycle), because the held-out photos
 the reproduction reports on are natural photographs too; `--folds` takes others (`a.png+b.png` leaves two out).
 
@@ -24,10 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mini_repro  # noqa: E402  (the script next to this one)
-
-from dp2o.evaluate import AT_M_STATS, markdown_table, summarize_over_seeds  # noqa: E402
+from dp2o.evaluate import AT_M_STATS, markdown_table, summarize_over_seeds
+from scripts import mini_repro
 
 #: natural photographs of bundled://train, like the photos of bundled://heldout
 DEFAULT_FOLDS = ("astronaut.png", "chelsea.png", "motorcycle_left.png")
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> pa.Table:
         if done:
             print(f"fold {fold}: results present, not rerun", flush=True)
         else:
-            print(f"fold {fold}: python scripts/mini_repro.py {' '.join(fold_argv)}", flush=True)
+            print(f"fold {fold}: python -m scripts.mini_repro {' '.join(fold_argv)}", flush=True)
             mini_repro.main(fold_argv)
             stamp.write_text(json.dumps(fold_argv))
         all_diffs.append(fold_differences(csv.read_csv(folder / "eval_rewards.csv"), fold))
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> pa.Table:
     per_fold = summarize_over_seeds(diffs, group_by=("fold", "method"))
     pooled = summarize_over_seeds(average_over_folds(diffs), group_by=("method",))
     out = args.out or args.cv_dir / "cv.md"
-    command = "python scripts/mini_repro_cv.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m scripts.mini_repro_cv " + " ".join(argv if argv is not None else sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "\n".join(

@@ -1,7 +1,7 @@
 """Hash every output a finished run wrote, to show that a refactor changed no result.
 
-    python scripts/pin_outputs.py runs/demo > before.json      # before the change
-    python scripts/pin_outputs.py runs/demo --check before.json # after: lists every difference, exit 1 if any
+    python -m scripts.pin_outputs runs/demo > before.json      # before the change
+    python -m scripts.pin_outputs runs/demo --check before.json # after: lists every difference, exit 1 if any
 
 Per stage: its fingerprint and the sha256 of every file its shard markers list. Wall-clock fields are the only
 exclusion, listed in WALL_CLOCK: a Parquet file holding such a column is hashed over its other columns

@@ -1,6 +1,6 @@
 """How stable are the no-reference `offline` metrics on the miniature reproduction's 64 px candidates?
 
-    python scripts/piqe_stability.py            # prints a JSON summary; --out FILE also writes it
+    python -m scripts.piqe_stability            # prints a JSON summary; --out FILE also writes it
 
 For each training input of `scripts/mini_repro.py` (same crops, same base-model candidates, read from its cache
 when present), a metric is computed on 56 px windows of one candidate shifted by (0,0), (1,1), (2,0), (0,2) and
@@ -13,25 +13,17 @@ score moves about as much under a few-pixel shift as between candidates cannot r
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyiqa
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import mini_repro
+
 SHIFTS = ((0, 0), (1, 1), (2, 0), (0, 2), (4, 4))
 WINDOW = 56
-
-
-def _mini_repro():
-    """scripts/mini_repro.py as a module (this script's folder is on sys.path when it runs as a script)."""
-    if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))
-    return importlib.import_module("mini_repro")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,9 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
-    mr = _mini_repro()
-    cfg = mr.parse_args(["--work-dir", str(args.work_dir)])
-    _, _, ids, hr, _, cands = mr.training_candidates(cfg)
+    cfg = mini_repro.parse_args(["--work-dir", str(args.work_dir)])
+    _, _, ids, hr, _, cands = mini_repro.training_candidates(cfg)
 
     summary: dict = {"inputs": len(ids), "candidates_per_input": cands.shape[1], "window_px": WINDOW}
     for name in args.metrics:

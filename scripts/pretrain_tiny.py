@@ -9,8 +9,8 @@ between mini-batches and give visibly noisier samples than their average.
 Every random draw (crop position, flips, degradation parameters, timesteps, noise) comes from a generator
 derived from `--seed`, so the same command gives the same weights (up to float nondeterminism of threads).
 
-    python scripts/pretrain_tiny.py                      # writes dp2o/weights/tiny-sr/
-    python scripts/pretrain_tiny.py --steps 50 --out runs/tiny-smoke
+    python -m scripts.pretrain_tiny                      # writes dp2o/weights/tiny-sr/
+    python -m scripts.pretrain_tiny --steps 50 --out runs/tiny-smoke
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from PIL import Image
 
 from dp2o.data import bundled_files
 from dp2o.degrade.config import DegradationConfig
-from dp2o.degrade.ingest import crop_origin, list_sources, load_hr
+from dp2o.degrade.crops import degraded_crops
+from dp2o.degrade.ingest import list_sources, load_hr
 from dp2o.degrade.params import sample_params
 from dp2o.degrade.pipeline import degrade_batch
+from dp2o.evaluate import sample_candidates
 from dp2o.models.tiny import DEFAULT_NUM_INFERENCE_STEPS, TinyBackend, bundled_weights_dir
 from dp2o.seeding import derive_seed, numpy_rng, torch_generator
 
@@ -116,27 +118,17 @@ def verify(args: argparse.Namespace) -> dict:
     upsampling, per-pixel std across seeds, sampling speed, and a PNG grid. Returns (and writes) a JSON record."""
     from dp2o.evaluate.scoring import RewardModel
 
-    cfg = DegradationConfig()
-    refs = list_sources("bundled://heldout")
-    photos = [load_hr(ref, min_size=args.verify_crop) for ref in refs]
-    crop, hrs, params, ids = args.verify_crop, [], [], []
-    for i in range(args.verify_inputs):
-        k, s = i % len(photos), derive_seed(args.seed, "verify", i)
-        y, x = crop_origin(photos[k].shape[0], photos[k].shape[1], crop, s)
-        hrs.append(
-            torch.from_numpy(np.ascontiguousarray(photos[k][y : y + crop, x : x + crop])).permute(2, 0, 1)
-        )
-        params.append(sample_params(cfg, s))
-        ids.append(f"verify-{i:03d}")
-    hr, lr = degrade_batch(torch.stack(hrs), params, cfg)
+    photos = [load_hr(ref, min_size=args.verify_crop) for ref in list_sources("bundled://heldout")]
+    crop = args.verify_crop
+    ids = [f"verify-{i:03d}" for i in range(args.verify_inputs)]
+    hr, lr = degraded_crops(photos, len(ids), crop, args.seed, "verify")
     lr01 = lr.float() / 255
     backend = TinyBackend.from_pretrained(args.out)
     backend.eval()
     m = args.verify_seeds
     start = time.time()
-    cands = torch.stack(
-        [backend.sample(lr01[i : i + 1].expand(m, -1, -1, -1), list(range(m))) for i in range(len(ids))]
-    )
+    # seeds 0..m-1 for every input, one batch per input, as the record has always been measured
+    cands = sample_candidates(backend, ids, lr, m, args.seed, batch=m, seed_of=lambda sid, c: c)
     seconds_per_candidate = (time.time() - start) / (len(ids) * m)
     bicubic = F.interpolate(lr01, scale_factor=4, mode="bicubic").clamp(0, 1)[:, None]
     model = RewardModel("offline")

@@ -1,27 +1,22 @@
 """Our degradation ops against BasicSR 1.4.2's, with identical explicit parameters (skipped without basicsr).
 
-Install basicsr outside the project (`pip install --no-deps --target DIR basicsr==1.4.2`) and set
-BASICSR_PATH=DIR to run these. The full comparison, with distributions, is benchmarks/degrade_fidelity.py.
+Install basicsr outside the project (`pip install --no-deps --target DIR basicsr==1.4.2`) and run these with
+PYTHONPATH=DIR. The full comparison, with distributions, is `python -m benchmarks.degrade_fidelity`.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from degrade_reference import basicsr_chain_with_params, basicsr_kernel, crops, import_basicsr  # noqa: E402
-
-from dp2o.degrade import DegradationConfig, degrade_batch, ops, sample_params  # noqa: E402
-from dp2o.degrade.pipeline import blur, kernel_array, usm_kernel  # noqa: E402
-from dp2o.seeding import derive_seed, torch_generator  # noqa: E402
+from benchmarks.degrade_reference import basicsr_chain_with_params, basicsr_kernel, crops, import_basicsr
+from dp2o.degrade import DegradationConfig, degrade_batch, ops, sample_params
+from dp2o.degrade.pipeline import blur, kernel_array, usm_kernel
+from dp2o.seeding import derive_seed, torch_generator
 
 BS = import_basicsr()
-pytestmark = pytest.mark.skipif(BS is None, reason="basicsr==1.4.2 not importable (set BASICSR_PATH)")
+pytestmark = pytest.mark.skipif(BS is None, reason="basicsr==1.4.2 not importable (put it on PYTHONPATH)")
 CFG = DegradationConfig()
 
 

@@ -11,6 +11,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_config_reference_is_current():
     r = subprocess.run(
-        [sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "scripts.gen_config_docs", "--check"], cwd=REPO, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr

@@ -15,7 +15,8 @@ from PIL import Image
 from dp2o import registry
 from dp2o.driver import run_pipeline, run_stage
 from dp2o.errors import StageError
-from dp2o.evaluate.stage import at_m_summary, evaluation_seed, summarize
+from dp2o.evaluate import at_m_summary, evaluation_seed
+from dp2o.evaluate.stage import summarize
 from tests.helpers import make_hr_folder, tiny_pipeline_config
 
 OFFLINE_FR = {"psnr", "ssim", "fsim", "gmsd"}

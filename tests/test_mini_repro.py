@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,17 +11,14 @@ import torch
 
 from dp2o.data import BUNDLED_PHOTOS
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def mini_repro():
-    # imported by name from a folder on sys.path, so that the run pool's spawned workers can import it too
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        yield importlib.import_module("mini_repro")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    # the run pool's spawned workers import it by name (scripts.mini_repro): spawn gives them the parent's
+    # import path, which holds the repository root
+    from scripts import mini_repro
+
+    return mini_repro
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +115,7 @@ def test_toy_run_writes_report_and_the_run_pool_matches_in_process_runs(mini_rep
     )
     again = json.loads((rebuilt / "results.json").read_text())
     assert again["summary"] == alone["summary"] and again["command"] == alone["command"]
-    assert alone["command"].startswith("python scripts/mini_repro.py --preset smoke")
+    assert alone["command"].startswith("python -m scripts.mini_repro --preset smoke")
     assert "report rebuilt from its saved outputs" in (rebuilt / "r.md").read_text()
 
 
@@ -156,11 +151,9 @@ def test_photo_val_leaves_out_exactly_the_photos_asked_for(mini_repro):
 
 @pytest.fixture(scope="module")
 def mini_repro_cv(mini_repro):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        yield importlib.import_module("mini_repro_cv")
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from scripts import mini_repro_cv
+
+    return mini_repro_cv
 
 
 def _evals(rows):

@@ -304,10 +304,16 @@ def test_gpu_benchmark_dry_run_on_cpu_writes_its_json(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_gpu.py"
+    repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "sample_gpu.json"
     args = ["--quick", "--n-lr", "2", "--n-seeds", "2", "--out", str(out)]
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sample_gpu", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for name in ("sd2", "flux"):

@@ -150,7 +150,9 @@ def test_missing_folder_raises_backend_error_naming_the_model_field(tmp_path):
 
 def test_bundled_weights_load_by_default_and_give_finite_images():
     if not (bundled_weights_dir() / "unet").is_dir():
-        pytest.fail(f"bundled weights missing under {bundled_weights_dir()}; run scripts/pretrain_tiny.py")
+        pytest.fail(
+            f"bundled weights missing under {bundled_weights_dir()}; run python -m scripts.pretrain_tiny"
+        )
     backend = build_backend(BackendConfig(kind="tiny", num_inference_steps=2))
     out = backend.sample(_lr(1, h=8, w=8), seeds=[0])
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

@@ -100,24 +100,11 @@ def plan(cfg: DegradeConfig, inputs, out, *, root, storage_options, runtime) -> 
     )
 
 
-def degrade_crop(cfg: DegradeConfig, img, sample_id: str):
-    """The crop origin and degradation parameters of one sample, from (cfg.seed, sample id).
-
-    img: uint8 [H, W, 3] HR photo with both sides >= cfg.crop_size. Returns (seed, y, x, params); the one
-    place the crop -> derived seed -> parameters sequence is written.
-    """
-    from dp2o.degrade.ingest import crop_origin
-    from dp2o.degrade.params import sample_params
-
-    seed = derive_seed(cfg.seed, "degrade", sample_id)
-    y, x = crop_origin(img.shape[0], img.shape[1], cfg.crop_size, seed)
-    return seed, y, x, sample_params(cfg.degradation, seed)
-
-
 def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     import numpy as np
     import torch
 
+    from dp2o.degrade.crops import crop_and_params
     from dp2o.degrade.ingest import ImageRejected, SourceRef, load_hr
     from dp2o.degrade.pipeline import degrade_batch
     from dp2o.tario import encode_png, image_shard
@@ -140,7 +127,8 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
             continue
         for k in range(cfg.crops_per_image):
             sid = f"{base}-c{k:02d}"
-            seed, y, x, params = degrade_crop(cfg, img, sid)
+            seed = derive_seed(cfg.seed, "degrade", sid)
+            y, x, params = crop_and_params(img.shape[0], img.shape[1], cfg.crop_size, cfg.degradation, seed)
             jobs.append((sid, img[y : y + cfg.crop_size, x : x + cfg.crop_size], params))
             rows.append(
                 {

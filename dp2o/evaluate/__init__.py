@@ -1,6 +1,5 @@
-"""Evaluation: Best/Mean/Worst@M of the reward per input, averaged per run, with t-intervals over training seeds.
-
-See `dp2o.evaluate.at_m`; everything here is a pure function on pyarrow tables.
+"""Evaluation: M candidates per held-out input with fixed seeds (`candidates`), Best/Mean/Worst@M summaries with
+intervals over inputs and photos (`summary`) or over training seeds (`at_m`), and the evaluate stage (`stage`).
 """
 
 from dp2o.evaluate.at_m import (
@@ -13,8 +12,23 @@ from dp2o.evaluate.at_m import (
     summarize_over_seeds,
     t_interval,
 )
+from dp2o.evaluate.candidates import (
+    evaluation_seed,
+    fit_bounds,
+    hybrid_reward,
+    sample_candidates,
+    score_candidates,
+)
+from dp2o.evaluate.summary import at_m_summary, summary_markdown
 
 __all__ = [
+    "at_m_summary",
+    "evaluation_seed",
+    "fit_bounds",
+    "hybrid_reward",
+    "sample_candidates",
+    "score_candidates",
+    "summary_markdown",
     "AT_M_STATS",
     "difference_vs",
     "markdown_table",
@@ -24,24 +38,3 @@ __all__ = [
     "summarize_over_seeds",
     "t_interval",
 ]
-
-#: the evaluate stage's in-memory building blocks, imported on first use (`dp2o.evaluate.stage` pulls in the
-#: stage registry, which `import dp2o.evaluate` alone should not)
-_STAGE_EXPORTS = (
-    "at_m_summary",
-    "evaluation_seed",
-    "fit_bounds",
-    "hybrid_reward",
-    "sample_candidates",
-    "score_candidates",
-    "summary_markdown",
-)
-__all__ += list(_STAGE_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _STAGE_EXPORTS:
-        from dp2o.evaluate import stage
-
-        return getattr(stage, name)
-    raise AttributeError(f"module 'dp2o.evaluate' has no attribute {name!r}")

@@ -145,7 +145,7 @@ class TinyBackend(Backend):
         except (OSError, ValueError) as exc:
             raise BackendError(
                 f"BackendConfig.model={source!r} is not a tiny-sr model ({type(exc).__name__}: {exc}). Set `model` "
-                f"to a folder written by TinyBackend.save_pretrained or scripts/pretrain_tiny.py (it holds "
+                f"to a folder written by TinyBackend.save_pretrained or `python -m scripts.pretrain_tiny` (it holds "
                 f"unet/config.json and unet/{UNET_WEIGHTS_FILE}), or leave it unset for the bundled weights."
             ) from exc
         return cls(

@@ -1,4 +1,4 @@
-"""The Diffusion-DPO pair loss and the noising conventions it is trained with, as pure torch functions.
+"""The Diffusion-DPO pair loss, as pure torch functions (the backends noise their inputs with diffusers' schedulers).
 
 A backend turns a batch of (winner, loser) images into per-sample prediction errors of the policy and of the
 frozen reference (`dp2o.models.base.Backend.prediction_errors`); everything after that lives here, so one
@@ -12,13 +12,8 @@ their differences, because in bfloat16 those differences are mostly rounding noi
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-
-PredictionKind = Literal["epsilon", "v_prediction", "flow"]
-_KINDS: tuple[str, ...] = ("epsilon", "v_prediction", "flow")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,96 +32,6 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"per_sample_mse: need a non-empty batch dimension, got shape {tuple(pred.shape)}")
     diff = pred.float() - target.float()
     return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"unknown prediction kind {kind!r}; use one of {', '.join(_KINDS)}")
-
-
-def _per_sample(value: torch.Tensor | float, like: torch.Tensor, name: str) -> torch.Tensor:
-    """`value` (a scalar or a [B] tensor) shaped [B, 1, ..., 1] to broadcast against `like` ([B, ...])."""
-    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if v.ndim == 0:
-        return v
-    if v.ndim != 1 or v.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"{name} must be a scalar or a [B] tensor with B={like.shape[0]}, got shape {tuple(v.shape)}"
-        )
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _schedule_args(
-    kind: str,
-    x0: torch.Tensor,
-    alphas_cumprod_t: torch.Tensor | float | None,
-    sigma: torch.Tensor | float | None,
-    *,
-    need_alpha: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    _check_kind(kind)
-    if kind == "flow":
-        if alphas_cumprod_t is not None:
-            raise ValueError("flow models are parameterised by sigma; pass sigma=..., not alphas_cumprod_t")
-        if sigma is None:
-            raise ValueError("kind='flow' needs sigma (the flow time in [0, 1], scalar or [B])")
-        return None, _per_sample(sigma, x0, "sigma")
-    if sigma is not None:
-        raise ValueError(f"kind={kind!r} is parameterised by alphas_cumprod_t; pass that, not sigma")
-    if alphas_cumprod_t is None:
-        if need_alpha:
-            raise ValueError(
-                f"kind={kind!r} needs alphas_cumprod_t (the scheduler's alphas_cumprod at each sample's "
-                "timestep, scalar or [B])"
-            )
-        return None, None
-    return _per_sample(alphas_cumprod_t, x0, "alphas_cumprod_t"), None
-
-
-def noisy_input(
-    kind: PredictionKind,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    *,
-    alphas_cumprod_t: torch.Tensor | float | None = None,
-    sigma: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """The noised model input x_t for clean targets x0 and Gaussian noise.
-
-    x0, noise: [B, C, H, W] (or any [B, ...]) float tensors of one shape, in the model's working space.
-    epsilon / v_prediction: x_t = sqrt(ā_t)·x0 + sqrt(1 − ā_t)·noise, with ā_t = `alphas_cumprod_t`.
-    flow: x_t = (1 − σ)·x0 + σ·noise, with σ = `sigma` in [0, 1] (rectified flow, σ=1 is pure noise).
-    """
-    if x0.shape != noise.shape:
-        raise ValueError(f"x0 shape {tuple(x0.shape)} differs from noise shape {tuple(noise.shape)}")
-    a, s = _schedule_args(kind, x0, alphas_cumprod_t, sigma, need_alpha=True)
-    if s is not None:
-        return (1 - s) * x0 + s * noise
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def prediction_target(
-    kind: PredictionKind,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    *,
-    alphas_cumprod_t: torch.Tensor | float | None = None,
-    sigma: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """What the network should output at x_t = `noisy_input(kind, x0, noise, ...)`.
-
-    x0, noise: [B, ...] float tensors of one shape.
-    epsilon: the noise. v_prediction: sqrt(ā_t)·noise − sqrt(1 − ā_t)·x0 (needs `alphas_cumprod_t`).
-    flow: the velocity noise − x0 = d x_t / dσ (σ is accepted for symmetry with `noisy_input`, not needed).
-    """
-    if x0.shape != noise.shape:
-        raise ValueError(f"x0 shape {tuple(x0.shape)} differs from noise shape {tuple(noise.shape)}")
-    a, _ = _schedule_args(kind, x0, alphas_cumprod_t, sigma, need_alpha=kind == "v_prediction")
-    if kind == "epsilon":
-        return noise
-    if kind == "flow":
-        return noise - x0
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def dpo_loss(

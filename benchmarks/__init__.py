@@ -1,0 +1,1 @@
+"""Speed and fidelity benchmarks, run from the repository root as modules: `python -m benchmarks.NAME`."""
