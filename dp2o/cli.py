@@ -43,6 +43,20 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="prefect: run as Prefect flows (default); local: plain loop in this process",
     )
     p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="where shards run: local (this process; default) or ray (a Ray cluster: see --ray-address)",
+    )
+    p.add_argument(
+        "--ray-address", help="Ray cluster address (ray://host:10001, or auto); default: start Ray locally"
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        help="with --num-shards N: this process computes only shards i, i+N, ... (several processes, one folder)",
+    )
+    p.add_argument("--num-shards", type=int, help="number of processes sharing the stages' shards")
+    p.add_argument(
         "--storage-option",
         dest="storage_options",
         action="append",
@@ -96,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_stage_command(sub, stage)
 
     p = sub.add_parser(
+        "plan",
+        help="estimate a run before starting it: per stage shards, items, GPU-hours, cost, storage, task runs",
+    )
+    p.add_argument("--config", help="pipeline YAML (e.g. dp2o/configs/paper.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    from dp2o import estimate
+
+    estimate.add_arguments(p)
+
+    p = sub.add_parser(
         "inspect", help="print a stage folder's manifest or a Parquet file's schema and first rows"
     )
     p.add_argument("target", help="stage folder or .parquet file/URL")
@@ -120,6 +144,14 @@ def _pipeline_config(args, extra: dict | None = None) -> PipelineConfig:
     overrides = deep_merge(parse_overrides(args.overrides), extra or {})
     if getattr(args, "root", None):
         overrides["root"] = args.root
+    runtime = {
+        "executor": getattr(args, "executor", None),
+        "shard_index": getattr(args, "shard_index", None),
+        "num_shards": getattr(args, "num_shards", None),
+    }
+    overrides.update({k: v for k, v in runtime.items() if v is not None})
+    if getattr(args, "ray_address", None) is not None:
+        overrides = deep_merge(overrides, {"ray": {"address": args.ray_address}})
     so = _storage_options(getattr(args, "storage_options", []))
     if so:
         overrides["storage_options"] = so
@@ -148,12 +180,21 @@ def _run_stage(stage: registry.Stage, cfg: PipelineConfig, orchestrator: str, in
     if orchestrator == "prefect":
         flow = _flows().stage_flow(stage.name)
         return flow(
-            config=section, out=out, storage_options=so, workers=cfg.workers, runtime=runtime, **inputs
+            config=section,
+            out=out,
+            storage_options=so,
+            workers=cfg.workers,
+            runtime=runtime,
+            executor=cfg.executor,
+            ray=cfg.ray,
+            shard_index=cfg.shard_index,
+            num_shards=cfg.num_shards,
+            **inputs,
         )
-    from dp2o.driver import run_stage
+    from dp2o.driver import executor_for, partition_of, run_stage
 
     plan = stage.plan(section, inputs, out, storage_options=so, runtime=runtime)
-    return run_stage(plan, workers=cfg.workers).as_dict()
+    return run_stage(plan, executor_for(cfg), workers=cfg.workers, partition=partition_of(cfg)).as_dict()
 
 
 def _stage_command(args) -> None:
@@ -232,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args.target, args.rows)
         elif args.command == "verify":
             return _verify(args.target)
+        elif args.command == "plan":
+            from dp2o import estimate
+
+            return estimate.run(args)
         elif args.command == "prefetch-metrics":
             from dp2o.reward.scoring import prefetch_weights
 

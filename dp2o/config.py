@@ -125,12 +125,31 @@ class TrainConfig(_Frozen):
     checkpoint_every: int = runtime(default=100, ge=1, description="steps between full-state checkpoints")
     keep_last: int = runtime(default=2, ge=1, description="complete checkpoints kept")
     log_every: int = runtime(default=10, ge=1, description="steps between printed log lines")
+    num_processes: int = runtime(
+        default=1,
+        ge=1,
+        description="data-parallel training processes on this machine (one per GPU; gloo on CPU); the global "
+        "batch stays pairs_per_step, so the result does not depend on it beyond float summation order",
+    )
 
     @model_validator(mode="after")
     def _timestep_range_ordered(self):
         lo, hi = self.timestep_range
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"train.timestep_range must satisfy 0 <= lo < hi <= 1, got ({lo}, {hi})")
+        return self
+
+    @model_validator(mode="after")
+    def _every_process_has_work(self):
+        # processes split a step's micro-batches (the unit its noise is drawn for), so each needs at least one
+        per_step = -(-self.pairs_per_step // self.micro_batch)
+        if self.num_processes > per_step:
+            raise ValueError(
+                f"train.num_processes={self.num_processes} needs at least that many micro-batches per step, but "
+                f"pairs_per_step={self.pairs_per_step} in micro-batches of {self.micro_batch} gives {per_step}; "
+                f"lower train.micro_batch to at most {max(1, self.pairs_per_step // self.num_processes)} or "
+                f"train.num_processes to at most {per_step}"
+            )
         return self
 
 
@@ -152,6 +171,30 @@ class EvaluateConfig(_Frozen):
     device: str = runtime(default="auto", description="scoring device; auto = cuda if available else cpu")
 
 
+class RayConfig(_Frozen):
+    """Where and how the Ray executor runs a stage's shards (every field is runtime: results do not change)."""
+
+    address: str | None = Field(
+        None, description="Ray cluster address (ray://host:10001 or auto); None starts a local Ray instance"
+    )
+    gpus_per_worker: float = Field(
+        1.0, gt=0, description="GPUs per worker of a GPU stage (fractional shares a GPU between workers)"
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker of a CPU stage")
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        description="upper bound on workers per stage; None = as many as the cluster's resources allow",
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        description="retries of a shard whose worker died or whose body raised, before the stage fails",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="local instance only: CPUs to declare (None = all)")
+    num_gpus: int | None = Field(None, ge=0, description="local instance only: GPUs to declare (None = all)")
+
+
 class PipelineConfig(_Frozen):
     """The whole chain. `root` is a local folder or any fsspec URL (s3://bucket/prefix)."""
 
@@ -165,7 +208,26 @@ class PipelineConfig(_Frozen):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    workers: int = runtime(default=1, ge=1, description="shards processed concurrently (threads)")
+    workers: int = runtime(
+        default=1, ge=1, description="shards processed concurrently in threads, where the stage allows it"
+    )
+    executor: Literal["local", "ray"] = runtime(
+        default="local",
+        description="local: this process (threads); ray: shards fanned out over a Ray cluster",
+    )
+    ray: RayConfig = runtime(default_factory=RayConfig, description="the Ray executor's settings")
+    shard_index: int | None = runtime(
+        default=None, ge=0, description="with num_shards: this process computes only shards i, i+n, i+2n, ..."
+    )
+    num_shards: int = runtime(
+        default=1, ge=1, description="processes sharing every stage's shards (partitions)"
+    )
+
+    @model_validator(mode="after")
+    def _partition(self):
+        if self.shard_index is not None and self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index={self.shard_index} must be < num_shards={self.num_shards}")
+        return self
 
     @model_validator(mode="after")
     def _pairs_fit(self):

@@ -27,7 +27,7 @@ from dp2o import registry
 from dp2o.config import PipelineConfig, canonical
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan, pending_shards
-from dp2o.storage import MANIFEST, commit_shard, now_iso, read_marker
+from dp2o.storage import MANIFEST, commit_shard, now_iso, read_marker, reclaim_scratch
 
 log = logging.getLogger("dp2o")
 
@@ -51,11 +51,12 @@ class StageResult:
         return {
             "stage": self.stage,
             "url": self.url,
-            "rows": m["rows"],
-            "errors": m["errors"],
+            "rows": m.get("rows"),
+            "errors": m.get("errors"),
             "computed": self.computed,
             "skipped": self.skipped,
-            "stats": m["stats"],
+            "stats": m.get("stats"),
+            "finished": bool(m),  # False: a partition whose other shards are still being computed elsewhere
         }
 
 
@@ -95,6 +96,7 @@ def prepare(plan: StagePlan, pending: list[ShardSpec]) -> None:
             "upstream": plan.upstream,
         }
         out.write_json_atomic(resolved, "config.json")
+    reclaim_scratch(out)  # leftovers of dead runs (SIGKILL), never a live worker's
     stage = registry.get(plan.stage)
     if pending and stage.preflight is not None:
         stage.preflight(plan.config)
@@ -178,8 +180,7 @@ def finalize(plan: StagePlan) -> dict:
         "created": now_iso(),
     }
     out.write_json_atomic(manifest, MANIFEST)
-    if out.local:
-        out.rm(".tmp", recursive=True)
+    reclaim_scratch(out)  # never the live scratch of another worker on this stage
     return manifest
 
 
@@ -189,30 +190,77 @@ def run_stage(
     *,
     workers: int = 1,
     finalize_fn: Callable[[StagePlan], dict] = finalize,
+    partition: tuple[int, int] | None = None,
+    wait_seconds: float = 0.0,
 ) -> StageResult:
-    """pending -> prepare -> map the shard (or whole-dataset) body -> commit -> finalise. The one driver."""
+    """pending -> prepare -> map the shard (or whole-dataset) body -> commit -> finalise. The one driver.
+
+    partition=(i, n): this process is one of n sharing the stage; it computes only pending shards whose index
+    is i mod n (a whole-dataset stage: only partition 0), and finalises only once every shard is committed,
+    whoever committed it. A partition that finishes first waits up to `wait_seconds` for the others (polling
+    the markers), so a pipeline can go on to the next stage; with 0 it returns without a manifest.
+    """
     t0 = time.perf_counter()
     pending = pending_shards(plan)
     prepare(plan, pending)
     skipped = len(plan.shards) - len(pending)
+    whole = registry.get(plan.stage).whole_dataset
+    mine = pending
+    if partition is not None:
+        i, n = partition
+        mine = ([] if i else pending) if whole else [s for s in pending if s.index % n == i]
     log.info(
-        "%s: %d shard(s) to compute, %d already committed -> %s",
+        "%s: %d shard(s) to compute here, %d already committed -> %s",
         plan.stage,
-        len(pending),
+        len(mine),
         skipped,
         plan.out_url,
     )
-    if pending and registry.get(plan.stage).whole_dataset:
-        map_shards(run_all, [(plan, pending)], 1)
-    elif pending:
-        map_shards(run_shard, [(plan, spec) for spec in pending], concurrency_of(plan.stage, workers))
-    manifest = finalize_fn(plan)
-    return StageResult(plan.stage, plan.out_url, manifest, len(pending), skipped, time.perf_counter() - t0)
+    # tasks get only what they need: their own shard (degrade shards carry source lists), never the whole plan
+    if mine and whole:
+        map_shards(run_all, [(plan.slim(), mine)], 1)
+    elif mine:
+        map_shards(run_shard, [(plan.only(spec), spec) for spec in mine], concurrency_of(plan.stage, workers))
+    if partition is not None and not _wait_for_others(plan, wait_seconds):
+        missing = len(pending_shards(plan))
+        log.info(
+            "%s: %d shard(s) left to other workers; the last one to finish writes the manifest",
+            plan.stage,
+            missing,
+        )
+        return StageResult(plan.stage, plan.out_url, {}, len(mine), skipped, time.perf_counter() - t0)
+    manifest = finalize_fn(plan.slim())
+    return StageResult(plan.stage, plan.out_url, manifest, len(mine), skipped, time.perf_counter() - t0)
+
+
+def _wait_for_others(plan: StagePlan, seconds: float, poll: float = 2.0) -> bool:
+    """True once every shard of `plan` is committed (by any worker), polling for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while pending_shards(plan):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def executor_for(cfg: PipelineConfig) -> MapShards:
+    """The shard map a pipeline config asks for: this process, or a Ray cluster."""
+    if cfg.executor == "ray":
+        from dp2o.ray_executor import RayExecutor
+
+        return RayExecutor(cfg.ray)
+    return map_locally
+
+
+def partition_of(cfg: PipelineConfig) -> tuple[int, int] | None:
+    return None if cfg.shard_index is None else (cfg.shard_index, cfg.num_shards)
 
 
 # ---- the pipeline ------------------------------------------------------------------------------------------------
 
 Executor = Callable[[StagePlan], StageResult]
+#: how long a partitioned pipeline process waits for the other partitions to finish a stage before it fails
+PARTITION_WAIT_SECONDS = 24 * 3600.0
 
 
 def stage_config(cfg: PipelineConfig, stage: registry.Stage) -> Any:
@@ -243,9 +291,16 @@ def run_pipeline(
     """Every pipeline stage in registry order under `cfg.root`, each fed by its upstream stages' outputs; each
     skips committed shards. until: stop after this stage (e.g. "pairs")."""
     if execute is None:
+        map_shards = executor_for(cfg)
 
         def execute(plan: StagePlan) -> StageResult:
-            return run_stage(plan, workers=cfg.workers)
+            return run_stage(
+                plan,
+                map_shards,
+                workers=cfg.workers,
+                partition=partition_of(cfg),
+                wait_seconds=PARTITION_WAIT_SECONDS,
+            )
 
     chain = pipeline_until(until)
     preflight(cfg, until)
@@ -259,7 +314,11 @@ def run_pipeline(
             storage_options=cfg.storage_options,
             runtime=stage.runtime_of(cfg) if stage.runtime_of else None,
         )
-        results[stage.name] = execute(plan)
+        results[stage.name] = result = execute(plan)
+        if not result.manifest:
+            raise StageError(
+                f"{stage.name}: other workers did not finish its shards in time; rerun this process to go on"
+            )
     return results
 
 

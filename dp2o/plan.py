@@ -10,6 +10,7 @@ finished runs there are an error that names them, and data is never found by glo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from hashlib import sha1
 from typing import Any
@@ -45,6 +46,16 @@ class StagePlan:
     @property
     def out(self) -> Storage:
         return Storage(self.out_url, self.storage_options)
+
+    def only(self, spec: ShardSpec) -> StagePlan:
+        """This plan reduced to one shard: what a shard task needs (a degrade plan's other shards carry every
+        source file's reference, which would make every task's parameters as large as the whole input list)."""
+        return dataclasses.replace(self, shards=[spec])
+
+    def slim(self) -> StagePlan:
+        """This plan with the shards' inputs dropped (names and indices kept): what finalising and whole-dataset
+        bodies need."""
+        return dataclasses.replace(self, shards=[ShardSpec(s.index, s.name) for s in self.shards])
 
     def upstream_dir(self, stage: str) -> Storage:
         try:

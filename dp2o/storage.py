@@ -15,7 +15,9 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tarfile
 import tempfile
 import uuid
@@ -30,6 +32,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST = "_MANIFEST.json"
+#: scratch folder inside a local stage folder (one sub-folder per writer)
+SCRATCH = ".tmp"
+#: prefix of a writer's scratch folder in the system temp dir (stage folders on object stores)
+REMOTE_SCRATCH = "dp2o-"
 MARKERS = "_markers"
 DATA = "data"
 
@@ -130,13 +136,15 @@ class Storage:
 
     @contextlib.contextmanager
     def local_tmpdir(self) -> Iterator[str]:
-        """A scratch folder on the same filesystem as this storage when local (so moves are renames)."""
+        """A scratch folder of this writer (this process) on the same filesystem as this storage when local (so
+        moves are renames), else in the system temp dir. Named after the writer (`scratch_prefix`), so a later
+        run can tell a dead writer's leftovers from a live one's (`reclaim_scratch`)."""
         if self.local:
-            base = self.p(".tmp")
+            base = self.p(SCRATCH)
             os.makedirs(base, exist_ok=True)
-            d = tempfile.mkdtemp(dir=base)
+            d = tempfile.mkdtemp(dir=base, prefix=scratch_prefix())
         else:
-            d = tempfile.mkdtemp(prefix="dp2o-")
+            d = tempfile.mkdtemp(prefix=f"{REMOTE_SCRATCH}{scratch_prefix()}")
         try:
             yield d
         finally:
@@ -252,3 +260,54 @@ def local_copy(stage_dir: Storage, rel: str, tmp: Path) -> Path:
         return Path(stage_dir.p(rel))
     dest = tmp / f"{hashlib.sha1(stage_dir.url.encode()).hexdigest()[:12]}-{rel.replace('/', '__')}"
     return stage_dir.download(rel, to=dest)
+
+
+# ---- scratch space of dead writers -------------------------------------------------------------------------
+
+_WRITER = re.compile(r"^w(\d+)@(.*)~[^~]*$")
+
+
+def scratch_prefix() -> str:
+    """`w<pid>@<host>~`: whose scratch folder this is (mkdtemp appends a random suffix)."""
+    return f"w{os.getpid()}@{socket.gethostname()}~"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _dead_writer(name: str) -> bool:
+    """True for a scratch folder of a process of this host that no longer runs; False for a live writer's,
+    another host's (it cannot be checked from here) or a name that is not a writer's."""
+    m = _WRITER.match(name)
+    return bool(m) and m.group(2) == socket.gethostname() and not _alive(int(m.group(1)))
+
+
+def reclaim_scratch(stage_dir: Storage | None = None) -> list[str]:
+    """Remove the scratch folders that dead dp2o processes of this host left behind: inside a local stage
+    folder's `.tmp/`, and `dp2o-*` folders of the system temp dir (remote stage folders). A live writer's
+    scratch (another worker on the same stage) is never touched. Returns the removed paths."""
+    # (folder, prefix of a writer's scratch there): the system temp dir holds other programs' folders too
+    places = [(Path(tempfile.gettempdir()), REMOTE_SCRATCH)]
+    if stage_dir is not None and stage_dir.local:
+        places.append((Path(stage_dir.p(SCRATCH)), ""))
+    removed = []
+    for place, prefix in places:
+        try:
+            entries = [e for e in place.iterdir() if e.name.startswith(prefix) and e.is_dir()]
+        except OSError:
+            continue
+        for entry in entries:
+            if _dead_writer(entry.name[len(prefix) :]):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+    if stage_dir is not None and stage_dir.local:
+        with contextlib.suppress(OSError):
+            os.rmdir(stage_dir.p(SCRATCH))  # only if empty: other writers may still use it
+    return removed

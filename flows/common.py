@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from dp2o import driver
+from dp2o.config import RayConfig
 from dp2o.driver import StageResult
 from dp2o.plan import StagePlan
 from tasks import finalize_task, run_all_task, run_shard_task
@@ -24,8 +27,29 @@ def map_tasks(fn, calls, concurrency):
     return results
 
 
-def execute_with_prefect(plan: StagePlan, workers: int = 1) -> StageResult:
-    """Run `plan` through the driver inside the current flow run, each shard (or the whole-dataset body) a task."""
+def execute_with_prefect(
+    plan: StagePlan,
+    workers: int = 1,
+    executor: Literal["local", "ray"] = "local",
+    ray: RayConfig | None = None,
+    shard_index: int | None = None,
+    num_shards: int = 1,
+    wait_seconds: float = 0.0,
+) -> StageResult:
+    """Run `plan` through the driver inside the current flow run: each shard (or the whole-dataset body) a
+    Prefect task, or with executor="ray" fanned out over Ray workers from this flow run (the flow run is the
+    Ray driver; Ray workers never call Prefect)."""
+    if executor == "ray":
+        from dp2o.ray_executor import RayExecutor
+
+        map_shards = RayExecutor(ray)
+    else:
+        map_shards = map_tasks
     return driver.run_stage(
-        plan, map_tasks, workers=workers, finalize_fn=lambda p: finalize_task.submit(p).result()
+        plan,
+        map_shards,
+        workers=workers,
+        finalize_fn=lambda p: finalize_task.submit(p).result(),
+        partition=None if shard_index is None else (shard_index, num_shards),
+        wait_seconds=wait_seconds,
     )

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-import functools
 import time
 
-from prefect import Flow, flow
+from prefect import flow
 
 from dp2o.config import PipelineConfig
-from dp2o.driver import StageResult, run_pipeline, summary
+from dp2o.driver import PARTITION_WAIT_SECONDS, StageResult, run_pipeline, summary
 from dp2o.plan import StagePlan
 from flows.common import execute_with_prefect
 
 
-@functools.cache
-def stage_subflow(stage: str) -> Flow:
-    """`<stage>-stage`: the subflow that runs one stage's plan inside the pipeline flow run."""
-    return flow(name=f"{stage}-stage", log_prints=True)(execute_with_prefect)
+def run_stage_subflow(plan: StagePlan, **options) -> StageResult:
+    """Run one stage's plan as a subflow `<stage>-stage` of the current flow run.
+
+    The plan is not a parameter of the subflow: Prefect stores every parameter in its database, and a degrade
+    plan carries the reference of every source photo (megabytes at paper scale). The subflow run is named
+    after the stage and its fingerprint instead, and each shard task gets only its own shard."""
+
+    def stage_run() -> StageResult:
+        return execute_with_prefect(plan, **options)
+
+    stage_run.__name__ = f"{plan.stage}_stage"
+    sub = flow(name=f"{plan.stage}-stage", flow_run_name=f"{plan.stage}-{plan.fingerprint}", log_prints=True)
+    return sub(stage_run)()
 
 
 @flow(name="dp2o-pipeline", log_prints=True)
@@ -25,7 +33,15 @@ def pipeline(config: PipelineConfig, until: str | None = None) -> str:
     t0 = time.perf_counter()
 
     def execute(plan: StagePlan) -> StageResult:
-        return stage_subflow(plan.stage)(plan, workers=config.workers)
+        return run_stage_subflow(
+            plan,
+            workers=config.workers,
+            executor=config.executor,
+            ray=config.ray,
+            shard_index=config.shard_index,
+            num_shards=config.num_shards,
+            wait_seconds=PARTITION_WAIT_SECONDS if config.shard_index is not None else 0.0,
+        )
 
     results = run_pipeline(config, execute, until=until)
     text = summary(results, time.perf_counter() - t0)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 from prefect import Flow, flow
 
 from dp2o import registry
+from dp2o.config import RayConfig
 from dp2o.errors import StageError
 from flows.common import execute_with_prefect
 
@@ -36,6 +37,10 @@ def _signature(stage: registry.Stage) -> inspect.Signature:
         _P("storage_options", _P.KEYWORD_ONLY, annotation=dict[str, Any] | None, default=None),
         _P("workers", _P.KEYWORD_ONLY, annotation=int, default=1),
         _P("runtime", _P.KEYWORD_ONLY, annotation=dict[str, Any] | None, default=None),
+        _P("executor", _P.KEYWORD_ONLY, annotation=Literal["local", "ray"], default="local"),
+        _P("ray", _P.KEYWORD_ONLY, annotation=RayConfig | None, default=None),
+        _P("shard_index", _P.KEYWORD_ONLY, annotation=int | None, default=None),
+        _P("num_shards", _P.KEYWORD_ONLY, annotation=int, default=1),
     ]
     return inspect.Signature(params, return_annotation=dict)
 
@@ -54,7 +59,14 @@ def stage_flow(name: str) -> Flow:
             storage_options=params.get("storage_options"),
             runtime=params.get("runtime"),
         )
-        return execute_with_prefect(plan, workers=params.get("workers", 1)).as_dict()
+        return execute_with_prefect(
+            plan,
+            workers=params.get("workers", 1),
+            executor=params.get("executor", "local"),
+            ray=params.get("ray"),
+            shard_index=params.get("shard_index"),
+            num_shards=params.get("num_shards", 1),
+        ).as_dict()
 
     sig = _signature(stage)
     run.__signature__ = sig

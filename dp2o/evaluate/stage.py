@@ -361,7 +361,7 @@ def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutp
 
     cfg: EvaluateConfig = plan.config
     tmp = Path(tmp)
-    inputs = load_heldout(plan.upstream["heldout"], plan.shards[0].inputs, plan.storage_options, tmp)
+    inputs = load_heldout(plan.upstream["heldout"], todo[0].inputs, plan.storage_options, tmp)
     specs, dropped = _metrics_for(cfg, inputs)
     _check_sizes(inputs, 1, [], hr=False)  # the LR minimum, before loading any model
     backend = build_backend(base_backend_config(plan))

@@ -16,6 +16,7 @@ _FACTORIES = {
     "sd2-controlnet": "dp2o.models.sd2_controlnet:SD2ControlNetBackend.from_config",
     "flux-controlnet": "dp2o.models.flux_controlnet:FluxControlNetBackend.from_config",
     "sd-x4-upscaler": "dp2o.models.sd_upscaler:SDUpscalerBackend.from_config",
+    "null": "dp2o.models.null:NullBackend.from_config",
 }
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-BackendKind = Literal["tiny", "sd2-controlnet", "flux-controlnet", "sd-x4-upscaler"]
+BackendKind = Literal["tiny", "sd2-controlnet", "flux-controlnet", "sd-x4-upscaler", "null"]
 
 
 def runtime(**kwargs):
