@@ -165,7 +165,8 @@ def _flows():
 def _run_pipeline(cfg: PipelineConfig, orchestrator: str, until: str | None = None) -> None:
     t0 = time.perf_counter()
     if orchestrator == "prefect":
-        _flows().pipeline(config=cfg, until=until)
+        flows = _flows()
+        flows.run_flow(flows.pipeline, config=cfg, until=until)
         return
     from dp2o.driver import run_pipeline, summary
 
@@ -178,8 +179,9 @@ def _run_stage(stage: registry.Stage, cfg: PipelineConfig, orchestrator: str, in
     runtime = stage.runtime_of(cfg) if stage.runtime_of else {}
     so = cfg.storage_options
     if orchestrator == "prefect":
-        flow = _flows().stage_flow(stage.name)
-        return flow(
+        flows = _flows()
+        return flows.run_flow(
+            flows.stage_flow(stage.name),
             config=section,
             out=out,
             storage_options=so,

@@ -1,8 +1,44 @@
 """Prefect flows, derived from the stage registry: one per stage (`stage_flow(name)`, or `flows.<name>`) plus
-the end-to-end `pipeline`. All logic lives in `dp2o`; flows only plan, map tasks and finalise."""
+the end-to-end `pipeline`. All logic lives in `dp2o`; flows only plan, map tasks and finalise.
 
-from flows.pipeline import pipeline
-from flows.stages import stage_flow
+Importing this package gives Prefect's temporary API server more time to start (`STARTUP_TIMEOUT_SECONDS`,
+unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set): Prefect's 20 s default is missed on a busy
+node (load 10 on 2 cores), and the run then dies before doing any work.
+"""
+
+import os
+
+#: seconds Prefect's temporary (no-server) API may take to start; Prefect's own default is 20
+STARTUP_TIMEOUT_SECONDS = 150
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_TIMEOUT_SECONDS))
+
+import httpx  # noqa: E402
+
+from flows.pipeline import pipeline  # noqa: E402
+from flows.stages import stage_flow  # noqa: E402
+
+
+def run_flow(flow, **parameters):
+    """Call a flow; failing to reach Prefect becomes a one-line `Dp2oError` that says what to do."""
+    from dp2o.errors import Dp2oError
+
+    try:
+        return flow(**parameters)
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+        raise Dp2oError(
+            f"Prefect's temporary API server did not start within {timeout} s (a busy machine?): set "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, run `prefect server start` and set "
+            "PREFECT_API_URL, or use --orchestrator local"
+        ) from None
+    except httpx.ConnectError as e:  # a configured PREFECT_API_URL that does not answer
+        url = os.environ.get("PREFECT_API_URL", "PREFECT_API_URL")
+        raise Dp2oError(
+            f"cannot reach the Prefect API at {url} ({e}): start it (prefect server start), unset "
+            "PREFECT_API_URL to use a temporary one, or use --orchestrator local"
+        ) from None
 
 
 def __getattr__(name: str):
@@ -16,4 +52,4 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'flows' has no attribute {name!r}") from None
 
 
-__all__ = ["pipeline", "stage_flow"]
+__all__ = ["STARTUP_TIMEOUT_SECONDS", "pipeline", "run_flow", "stage_flow"]
