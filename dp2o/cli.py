@@ -12,13 +12,23 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from dp2o import registry
-from dp2o.config import ConfigError, PipelineConfig, deep_merge, load_config, parse_overrides
+from dp2o.config import (
+    ConfigError,
+    PipelineConfig,
+    check_storage_options,
+    deep_merge,
+    load_config,
+    parse_overrides,
+)
 from dp2o.errors import Dp2oError
+from dp2o.urls import URLError, check_url
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -131,19 +141,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("metrics", help="preset (paper, offline) or comma-separated metric names")
 
-    p = sub.add_parser("verify", help="re-hash every file a stage folder's markers list")
-    p.add_argument("target", help="stage folder")
+    p = sub.add_parser(
+        "verify",
+        help="re-hash every file (and tar member) a stage folder's markers list; --repair withdraws bad shards",
+    )
+    p.add_argument("target", help="stage folder (or <root>/<stage> holding one finished run)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="withdraw the marker of every bad shard (and the stale manifest) so the next run recomputes only those",
+    )
+    p.add_argument(
+        "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE"
+    )
     return ap
 
 
 def _storage_options(items: list[str]) -> dict:
-    return parse_overrides(items)
+    so = parse_overrides(items, flag="--storage-option", example="endpoint_url=http://localhost:9000")
+    try:
+        check_storage_options(so, "--storage-option")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return so
 
 
-def _pipeline_config(args, extra: dict | None = None) -> PipelineConfig:
+#: config fields the common flags set, for messages that name the field: field -> flag
+_COMMON_FLAGS = {"shard_index": "--shard-index", "num_shards": "--num-shards", "ray.address": "--ray-address"}
+
+
+def _pipeline_config(args, extra: dict | None = None, flags: dict[str, str] | None = None) -> PipelineConfig:
+    """The run's config from --config, --set and the flags; every malformed value raises ConfigError (or
+    URLError) naming the field and the flag that set it, before anything heavy is imported or any work starts.
+
+    flags: dotted config field -> the command-line flag that set it (stage shortcuts such as --crop-size)."""
     overrides = deep_merge(parse_overrides(args.overrides), extra or {})
-    if getattr(args, "root", None):
-        overrides["root"] = args.root
+    root = getattr(args, "root", None)
+    if root is not None:
+        check_url(root, "--root", output=True)
+        overrides["root"] = root
     runtime = {
         "executor": getattr(args, "executor", None),
         "shard_index": getattr(args, "shard_index", None),
@@ -155,14 +191,141 @@ def _pipeline_config(args, extra: dict | None = None) -> PipelineConfig:
     so = _storage_options(getattr(args, "storage_options", []))
     if so:
         overrides["storage_options"] = so
-    return load_config(PipelineConfig, args.config, overrides)
+    try:
+        return load_config(PipelineConfig, args.config, overrides)
+    except ConfigError as e:
+        given = {**_COMMON_FLAGS, **(flags or {})}
+        used = [
+            f"  ({field} was given by {flag})"
+            for field, flag in given.items()
+            if re.search(rf"\b{re.escape(field.rsplit('.', 1)[-1])}\b", str(e)) and _flag_used(args, flag)
+        ]
+        if used:
+            raise ConfigError("\n".join([str(e), *used])) from None
+        raise
+
+
+def _flag_used(args, flag: str) -> bool:
+    dest = {"--shard-index": "shard_index", "--num-shards": "num_shards", "--ray-address": "ray_address"}
+    if flag in dest:
+        return getattr(args, dest[flag], None) is not None
+    return True  # stage shortcuts are passed in `flags` only when given
+
+
+def _check_folder(url: str, what: str, storage_options: dict, *, output: bool) -> None:
+    """Before any work: `url` is a well-formed location; an output folder is not a file and can be created
+    where it is local; a remote one's server answers and its bucket exists. Raises URLError/Dp2oError naming
+    `what` (the flag or config field)."""
+    check_url(url, what, output=output, extra_schemes=() if output else ("bundled",))
+    if url.startswith("bundled://"):
+        from dp2o.data import BUNDLED_PHOTOS
+
+        split = url[len("bundled://") :].strip("/")
+        if split not in (*BUNDLED_PHOTOS, "all"):
+            choices = ", ".join(f"bundled://{s}" for s in [*BUNDLED_PHOTOS, "all"])
+            raise URLError(f"{what}: unknown bundled photo set {split!r} in {url!r}; use one of {choices}")
+        return
+    from dp2o.storage import Storage
+
+    st = Storage(url, storage_options)
+    if st.local:
+        if not output:
+            return
+        path = Path(st.path)
+        if path.exists() and not path.is_dir():
+            raise URLError(f"{what}: {url!r} is a file, not a folder; choose a folder for the stage outputs")
+        parent = next((p for p in [path, *path.parents] if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise URLError(f"{what}: {url!r} is inside {str(parent)!r}, which is a file, not a folder")
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise URLError(f"{what}: cannot create {url!r}: {str(parent)!r} is not writable")
+        return
+    _probe_remote(st, what)
+
+
+def _probe_remote(st, what: str) -> None:
+    """One quick request to a remote folder's server (S3: its bucket, one attempt, no retries), so a wrong
+    endpoint or a missing bucket is one line in seconds instead of a traceback after minutes of retries."""
+    fs, path = st.fs, st.path
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    try:
+        if {"s3", "s3a"} & set(protocols):
+            opts = dict(st.storage_options)
+            config_kwargs = dict(opts.get("config_kwargs") or {})
+            config_kwargs.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+            config_kwargs.setdefault("connect_timeout", 5)
+            probe = type(fs)(**{**opts, "config_kwargs": config_kwargs, "skip_instance_cache": True})
+            bucket = path.split("/", 1)[0]
+            try:
+                probe.info(bucket)
+            except FileNotFoundError:
+                raise Dp2oError(
+                    f"{what}: bucket {bucket!r} of {st.url!r} does not exist{_endpoint_of(st)}; create it first"
+                ) from None
+            except PermissionError:
+                pass  # credentials that may write under a prefix without seeing the bucket: let the run try
+        else:
+            fs.exists(path)
+    except Dp2oError:
+        raise
+    except Exception as e:
+        text = _storage_error(e)
+        if text is None:
+            raise
+        raise Dp2oError(f"{what}: cannot reach {st.url!r}{_endpoint_of(st)}: {text}") from None
+
+
+def _endpoint_of(st) -> str:
+    so = st.storage_options
+    ep = so.get("endpoint_url") or (so.get("client_kwargs") or {}).get("endpoint_url")
+    ep = ep or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" at {ep}" if ep else ""
+
+
+#: packages whose exceptions are storage (network, credentials, service) errors rather than bugs
+_STORAGE_PACKAGES = {
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+    "s3fs",
+    "fsspec",
+    "gcsfs",
+    "adlfs",
+    "urllib3",
+    "requests",
+}
+
+
+def _storage_error(e: BaseException) -> str | None:
+    """One line for an error of a filesystem or its server (with what to check), None for anything else."""
+    package = type(e).__module__.split(".", 1)[0]
+    if package not in _STORAGE_PACKAGES and not isinstance(e, OSError | ConnectionError | TimeoutError):
+        return None
+    name = type(e).__name__
+    first = (str(e).strip().splitlines() or [""])[0]
+    text = f"{name}: {first}" if first else name
+    if "Credentials" in name:
+        return (
+            f"{text}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment (or an AWS profile), "
+            "or --storage-option anon=true for a public bucket"
+        )
+    if "Connect" in name or "Endpoint" in name or isinstance(e, ConnectionError | TimeoutError):
+        return f"{text}; check --storage-option endpoint_url (or AWS_ENDPOINT_URL) and that the server is up"
+    if isinstance(e, PermissionError) or "AccessDenied" in first or "Forbidden" in first:
+        return (
+            f"{text}; check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and their permissions"
+        )
+    return text
 
 
 def _flows():
     return importlib.import_module("flows")
 
 
-def _run_pipeline(cfg: PipelineConfig, orchestrator: str, until: str | None = None) -> None:
+def _run_pipeline(
+    cfg: PipelineConfig, orchestrator: str, until: str | None = None, root_flag: str = "root"
+) -> None:
+    _check_folder(cfg.root, root_flag, cfg.storage_options, output=True)
     t0 = time.perf_counter()
     if orchestrator == "prefect":
         flows = _flows()
@@ -204,8 +367,16 @@ def _stage_command(args) -> None:
     stage = registry.get(args.stage)
     flags = {f.key: getattr(args, f"flag_{f.key}") for f in stage.flags}
     flags = {k: v for k, v in flags.items() if v is not None}
-    cfg = _pipeline_config(args, {stage.section: flags} if flags else None)
+    given = {f"{stage.section}.{f.key}": f.flag for f in stage.flags if f.key in flags}
+    cfg = _pipeline_config(args, {stage.section: flags} if flags else None, given)
     inputs = {i.name: getattr(args, f"input_{i.name}") for i in stage.inputs}
+    so = cfg.storage_options
+    for i in stage.inputs:
+        if inputs[i.name] is not None:
+            _check_folder(inputs[i.name], i.flag, so, output=False)
+    _check_folder(args.out, "--out", so, output=True)
+    if stage.cli_then and args.then_out:
+        _check_folder(args.then_out, f"--{stage.cli_then}-out", so, output=True)
     res = _run_stage(stage, cfg, args.orchestrator, inputs, args.out)
     if stage.cli_then:
         print(json.dumps(res, indent=2, default=str))
@@ -248,25 +419,19 @@ def _inspect(target: str, rows: int) -> None:
         print(table.slice(0, rows).to_pandas())
 
 
-def _verify(target: str) -> int:
-    from dp2o.storage import MANIFEST, Storage, read_marker
+def _verify(args) -> int:
+    from dp2o.verify import verify_stage
 
-    s = Storage(target)
-    m = s.read_json(MANIFEST)
-    bad = [
-        sh["name"]
-        for sh in m["shards"]
-        if read_marker(s, sh["name"], fingerprint=m["fingerprint"], verify_hash=True) is None
-    ]
-    print(
-        f"{target}: {len(m['shards']) - len(bad)} of {len(m['shards'])} shards verified"
-        + (f"; BAD: {bad}" if bad else "")
-    )
-    return 1 if bad else 0
+    report = verify_stage(args.target, _storage_options(args.storage_options), repair=args.repair)
+    print(report)
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage error (naming the flag) or --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     # bitsandbytes (pulled in by peft/diffusers) warns about optional CPU kernels on every import; not ours to fix
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     _log_to_terminal()
@@ -274,31 +439,47 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             _inspect(args.target, args.rows)
         elif args.command == "verify":
-            return _verify(args.target)
+            return _verify(args)
         elif args.command == "plan":
             from dp2o import estimate
 
             return estimate.run(args)
         elif args.command == "prefetch-metrics":
-            from dp2o.reward.scoring import prefetch_weights
+            from dp2o.reward.registry import metric_names
 
             names = args.metrics if "," not in args.metrics else [x.strip() for x in args.metrics.split(",")]
+            try:
+                metric_names(names)
+            except ValueError as e:
+                raise ConfigError(f"prefetch-metrics {args.metrics!r}: {e}") from None
+            from dp2o.reward.scoring import prefetch_weights
+
             print(json.dumps(prefetch_weights(names), indent=2))
         elif args.command == "demo":
             if args.config is None:
                 args.config = str(DEMO_CONFIG)
-            _run_pipeline(_pipeline_config(args), args.orchestrator)
+            _run_pipeline(_pipeline_config(args), args.orchestrator, root_flag=_root_flag(args))
         elif args.command == "run":
-            _run_pipeline(_pipeline_config(args), args.orchestrator, args.until)
+            _run_pipeline(_pipeline_config(args), args.orchestrator, args.until, root_flag=_root_flag(args))
         else:
             _stage_command(args)
         return 0
     except Dp2oError as e:
         print(f"dp2o: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 2 if isinstance(e, ConfigError | URLError) else 1
     except FileNotFoundError as e:
         print(f"dp2o: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        text = _storage_error(e)
+        if text is None:
+            raise  # a bug: keep the traceback
+        print(f"dp2o: storage error: {text}", file=sys.stderr)
+        return 1
+
+
+def _root_flag(args) -> str:
+    return "--root" if getattr(args, "root", None) is not None else "root"
 
 
 def _log_to_terminal() -> None:

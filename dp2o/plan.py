@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from dp2o.errors import StageError
-from dp2o.storage import MANIFEST, Storage, read_marker
+from dp2o.storage import MANIFEST, Storage, read_marker, verify_committed
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,10 @@ def read_stage_table(stage_dir: Storage, columns: list[str] | None = None) -> pa
     import pyarrow.dataset as ds
 
     m = read_manifest(stage_dir)
-    paths = [stage_dir.p(rel) for s in m["shards"] for rel in s["files"] if rel.endswith(".parquet")]
+    rels = [rel for s in m["shards"] for rel in s["files"] if rel.endswith(".parquet")]
+    for rel in rels:
+        verify_committed(stage_dir, rel)  # against its marker's sha256; hashed once per process
+    paths = [stage_dir.p(rel) for rel in rels]
     if not paths:
         return pa.table({})
     return ds.dataset(paths, format="parquet", filesystem=stage_dir.fs).to_table(columns=columns)

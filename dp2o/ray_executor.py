@@ -87,15 +87,24 @@ class RayExecutor:
     def __init__(self, cfg: RayConfig | None = None):
         self.cfg = cfg or RayConfig()
 
-    def worker_count(self, stage: registry.Stage, calls: int) -> tuple[int, dict]:
-        """How many actors a stage gets, and the resources each requests."""
+    def worker_count(self, stage: registry.Stage, calls: int, config: Any = None) -> tuple[int, dict]:
+        """How many actors a stage gets, and the resources each requests (a task that uses several devices at
+        once, e.g. data-parallel training, gets `Stage.devices_of(config)` GPU shares)."""
         import ray
 
         total = ray.cluster_resources()
         gpus = total.get("GPU", 0.0)
+        devices = stage.devices_of(config) if stage.devices_of and config is not None else 1
         if stage.resources == "gpu" and gpus > 0:
-            options = {"num_gpus": self.cfg.gpus_per_worker, "num_cpus": 0}
-            n = math.floor(gpus / self.cfg.gpus_per_worker + 1e-9)
+            per_worker = self.cfg.gpus_per_worker * devices
+            if per_worker > gpus:
+                raise StageError(
+                    f"{stage.name}: one task needs {per_worker:g} GPUs ({devices} devices x ray.gpus_per_worker="
+                    f"{self.cfg.gpus_per_worker:g}) but the Ray cluster has {gpus:g}; lower the devices (e.g. "
+                    "train.num_processes) or add GPUs"
+                )
+            options = {"num_gpus": per_worker, "num_cpus": 0}
+            n = math.floor(gpus / per_worker + 1e-9)
         else:
             if stage.resources == "gpu":
                 log.warning("%s: the Ray cluster has no GPUs; its workers run on CPUs", stage.name)
@@ -114,7 +123,7 @@ class RayExecutor:
 
         ensure_ray(self.cfg)
         stage = registry.get(calls[0][0].stage)
-        n, options = self.worker_count(stage, len(calls))
+        n, options = self.worker_count(stage, len(calls), calls[0][0].config)
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)
         actors = [actor_cls.remote() for _ in range(n)]
         log.info("%s: %d call(s) on %d Ray worker(s) %s", stage.name, len(calls), n, options)

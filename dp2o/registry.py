@@ -100,6 +100,8 @@ class Stage:
     summarize: Callable[[dict], list[str]] | None = None
     #: merge one per-shard statistic into the stage total: (key, total so far, shard's value) -> total
     combine: Callable[[str, Any, Any], Any] | None = None
+    #: devices one task of this stage uses at once (e.g. train's data-parallel processes); None = 1
+    devices_of: Callable[[Any], int] | None = None
     #: runtime-only settings the planner needs from the whole pipeline config (not fingerprinted)
     runtime_of: Callable[[Any], dict] | None = None
     flags: tuple[Flag, ...] = ()

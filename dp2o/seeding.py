@@ -9,9 +9,12 @@ platforms and processes (unlike `hash()`).
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _MASK63 = (1 << 63) - 1
 
@@ -34,6 +37,8 @@ def numpy_rng(seed: int) -> np.random.Generator:
 
 def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator seeded with `seed` on `device`."""
+    import torch  # here, not at the top: planners and config checks derive seeds without torch
+
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g

@@ -133,9 +133,9 @@ def test_output_folder_of_another_config_is_refused(tmp_path, capsys):
 def test_inspect_and_verify(tmp_path, capsys):
     _scores(tmp_path / "scores.parquet")
     out = tmp_path / "pairs"
-    main(
-        ["pairs", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--orchestrator", "local"]
-    )
+    # n_top 2: the groups hold 8..12 candidates, fewer than the default 2 * 8
+    args = ["pairs", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--n-top", "2"]
+    assert main([*args, "--orchestrator", "local"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert '"stage": "pairs"' in capsys.readouterr().out

@@ -237,19 +237,18 @@ def test_crop_origin_is_deterministic_in_range_and_seed_dependent():
 
 
 @pytest.mark.s3
-def test_s3_folder_and_tar_shards(tmp_path):
+def test_s3_folder_and_tar_shards(tmp_path, monkeypatch):
     import s3fs
     from moto.server import ThreadedMotoServer
 
+    # credentials come from the environment, never from storage options (the moto server takes any)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        opts = {
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
-        }
+        opts = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
         fs = s3fs.S3FileSystem(**opts)
         fs.mkdir("degrade-ingest")
         png = _png_bytes(Image.fromarray(_gradient()))

@@ -14,18 +14,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 @pytest.fixture(scope="module")
 def s3_server():
+    """A moto S3 server; yields the storage options that reach it. Credentials come from the environment,
+    as in production (storage options refuse them); the moto server accepts any."""
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    import s3fs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        server.start()
+        host, port = server.get_host_and_port()
+        opts = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+        import s3fs
 
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir("dp2o-test")
-    yield opts
-    server.stop()
+        fs = s3fs.S3FileSystem(**opts)
+        fs.mkdir("dp2o-test")
+        yield opts
+        server.stop()
 
 
 def test_pipeline_on_s3_then_cached_rerun(tmp_path, s3_server):

@@ -188,3 +188,26 @@ class DegradationConfig(BaseModel):
             raise ValueError("final_resize_modes must not be empty; use e.g. ('bicubic',)")
         _check_range("final_sinc_omega", self.final_sinc_omega, 0, math.pi)
         return self
+
+
+def min_hr_side(cfg: DegradationConfig) -> int:
+    """The smallest HR side (a multiple of cfg.scale) for which every reflect-padded filter of the chain fits
+    the image at its worst-case intermediate size."""
+    h = cfg.scale
+    while not _fits(cfg, h):
+        h += cfg.scale
+    return h
+
+
+def _fits(cfg: DegradationConfig, h: int) -> bool:
+    if (cfg.usm_sharpen_input or cfg.usm_sharpen_hr) and h <= cfg.usm.radius // 2:
+        return False
+    cur = h
+    for rc in (cfg.first, cfg.second):
+        if rc.blur_prob > 0 and cur <= max(rc.kernel_sizes) // 2:
+            return False
+        low = rc.resize_range[0] if rc.resize_probs.get("down", 0) > 0 else 1.0
+        cur = math.floor(cur * low) if rc.resize_reference == "input" else int(h / cfg.scale * low)
+        if cur < 1:
+            return False
+    return not (cfg.final_sinc_prob > 0 and h // cfg.scale <= max(cfg.final_sinc_sizes) // 2)

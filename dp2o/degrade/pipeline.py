@@ -11,14 +11,13 @@ sample is large enough (≥ 512² pixels) that the loop costs little. Filters ru
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from dp2o.degrade import ops
-from dp2o.degrade.config import DegradationConfig, RoundConfig
+from dp2o.degrade.config import DegradationConfig, RoundConfig, min_hr_side
 from dp2o.degrade.kernels import gaussian_1d, gaussian_family_kernel, opencv_gaussian_sigma, sinc_kernel
 from dp2o.degrade.params import DegradationParams, KernelParams, RoundParams, validate_params
 from dp2o.seeding import torch_generator
@@ -40,29 +39,6 @@ def usm_kernel(cfg: DegradationConfig) -> torch.Tensor:
     """The [radius, radius] float32 Gaussian of Real-ESRGAN's USMSharp (OpenCV's default sigma for the size)."""
     g = gaussian_1d(cfg.usm.radius, opencv_gaussian_sigma(cfg.usm.radius))
     return torch.from_numpy(np.outer(g, g).astype(np.float32))
-
-
-def min_hr_side(cfg: DegradationConfig) -> int:
-    """The smallest HR side (a multiple of cfg.scale) for which every reflect-padded filter of the chain fits
-    the image at its worst-case intermediate size."""
-    h = cfg.scale
-    while not _fits(cfg, h):
-        h += cfg.scale
-    return h
-
-
-def _fits(cfg: DegradationConfig, h: int) -> bool:
-    if (cfg.usm_sharpen_input or cfg.usm_sharpen_hr) and h <= cfg.usm.radius // 2:
-        return False
-    cur = h
-    for rc in (cfg.first, cfg.second):
-        if rc.blur_prob > 0 and cur <= max(rc.kernel_sizes) // 2:
-            return False
-        low = rc.resize_range[0] if rc.resize_probs.get("down", 0) > 0 else 1.0
-        cur = math.floor(cur * low) if rc.resize_reference == "input" else int(h / cfg.scale * low)
-        if cur < 1:
-            return False
-    return not (cfg.final_sinc_prob > 0 and h // cfg.scale <= max(cfg.final_sinc_sizes) // 2)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

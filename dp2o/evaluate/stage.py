@@ -51,6 +51,7 @@ from dp2o.evaluate.heldout import HeldoutInput, load_heldout, resolve_heldout
 from dp2o.evaluate.summary import BASELINE, at_m_summary, summary_markdown
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url, read_manifest
 from dp2o.registry import Flag, Input, Stage
+from dp2o.score.stage import load_scorer, metrics_flag
 from dp2o.storage import ShardOutput, Storage, write_parquet
 
 #: the smallest LR side the stage accepts (diffusion backends downsample several times)
@@ -156,20 +157,9 @@ def plan(cfg: EvaluateConfig, inputs, out, *, root, storage_options, runtime) ->
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _scorer_cached(metrics_json: str, device: str):
-    from dp2o.reward.registry import resolve_metrics
-    from dp2o.reward.scoring import MetricScorer
-
-    return MetricScorer(resolve_metrics(json.loads(metrics_json)), device=device, batch_size=SCORE_BATCH)
-
-
 def scorer(cfg: EvaluateConfig):
-    """The configured metric models, loaded once per process."""
-    from dp2o.devices import resolve_device
-
-    names = cfg.metrics if isinstance(cfg.metrics, str) else list(cfg.metrics)
-    return _scorer_cached(json.dumps(names), str(resolve_device(cfg.device)))
+    """The configured metric models, loaded once per process (shared with the score stage's cache)."""
+    return load_scorer(cfg.metrics, cfg.device, SCORE_BATCH)
 
 
 def preflight(cfg: EvaluateConfig) -> None:
@@ -475,10 +465,6 @@ def summarize(m: dict) -> list[str]:
     return lines
 
 
-def _metrics_flag(value: str) -> str | list[str]:
-    return value if "," not in value else [x.strip() for x in value.split(",")]
-
-
 STAGE = Stage(
     name="evaluate",
     version=1,
@@ -510,8 +496,6 @@ STAGE = Stage(
     runtime_of=runtime_of,
     flags=(
         Flag("--num-candidates", "num_candidates", "M, candidates per held-out input and model", int),
-        Flag(
-            "--metrics", "metrics", "preset (offline, paper) or comma-separated metric names", _metrics_flag
-        ),
+        Flag("--metrics", "metrics", "preset (offline, paper) or comma-separated metric names", metrics_flag),
     ),
 )

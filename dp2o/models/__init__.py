@@ -1,14 +1,20 @@
 """Real-ISR backends behind one interface (`dp2o.models.base.Backend`), built from a `BackendConfig`.
 
-Backends are imported lazily so that using the tiny model never imports the SD2/FLUX code paths.
+Backends are imported lazily so that using the tiny model never imports the SD2/FLUX code paths, and the
+interface itself (`base`, which needs torch) on first use (PEP 562), so `dp2o.models.config` stays light.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from dp2o.models.base import Backend, BackendError, NoisedBatch
 from dp2o.models.config import BackendConfig
+
+if TYPE_CHECKING:
+    from dp2o.models.base import Backend, BackendError, NoisedBatch
+
+_FROM_BASE = ("Backend", "BackendError", "NoisedBatch")
 
 #: backend kind -> "module:factory"; each factory takes a BackendConfig and returns a Backend
 _FACTORIES = {
@@ -27,6 +33,12 @@ def build_backend(cfg: BackendConfig) -> Backend:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj(cfg)
+
+
+def __getattr__(name: str):
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("dp2o.models.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Backend", "BackendConfig", "BackendError", "NoisedBatch", "build_backend"]

@@ -40,6 +40,7 @@ def plan(cfg: PairsConfig, inputs, out, *, root, storage_options, runtime) -> St
         files = parquet_files(url, storage_options)
         entry = {"url": url, "fingerprint": listing_hash(f"{p}|{n}" for p, n in files), "stage": "external"}
         upstream = {"reward": entry}
+    _check_groups_fit(cfg, url, _group_sizes(url, found, storage_options))
     fp = fingerprint("pairs", cfg, [entry["fingerprint"]])
     return StagePlan(
         "pairs",
@@ -50,6 +51,50 @@ def plan(cfg: PairsConfig, inputs, out, *, root, storage_options, runtime) -> St
         upstream=upstream,
         storage_options=storage_options,
     )
+
+
+def _group_sizes(url: str, found: Storage | None, storage_options: dict):
+    """Candidates per input (M of each group) of the scores at `url`, from the `sample_id` column alone; a
+    user's Parquet file without the columns pairs needs is refused here, before any output is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if found is not None:
+        ids = read_stage_table(found, ["sample_id"])
+    else:
+        s = Storage(url, storage_options)
+        parts = []
+        for path, _ in parquet_files(url, storage_options):
+            with s.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                missing = [c for c in SCORE_COLUMNS if c not in pf.schema_arrow.names]
+                if missing:
+                    raise StageError(f"{path}: missing column(s) {missing}; pairs needs {SCORE_COLUMNS}")
+                parts.append(pf.read(columns=["sample_id"]))
+        ids = pa.concat_tables(parts)
+    if ids.num_rows == 0:
+        return ids.num_rows, None
+    counts = ids.group_by("sample_id").aggregate([("sample_id", "count")]).column("sample_id_count")
+    return len(counts), (min(counts.to_pylist()), max(counts.to_pylist()))
+
+
+def _check_groups_fit(cfg: PairsConfig, url: str, sizes) -> None:
+    """2N <= M on the data: with fewer candidates per input than 2 * pairs.n_top every group is skipped and the
+    stage would write no pair at all (the config check sees only sample.num_candidates, not a user's table).
+    Some groups smaller than 2N (failed candidates) are fine: they are skipped and counted, as documented."""
+    groups, m_range = sizes
+    if m_range is None:
+        return  # no rows at all: nothing to check (the upstream stage reported its own failures)
+    lo, hi = m_range
+    need = 2 * cfg.n_top
+    if hi < need:
+        m = f"M={hi}" if lo == hi else f"M from {lo} to {hi}"
+        raise StageError(
+            f"pairs.n_top={cfg.n_top} needs at least 2*N={need} candidates per input, but the scores in {url} "
+            f"have {m} candidates per input ({groups} input(s)), so no pair would be written; lower "
+            f"pairs.n_top (--n-top) to at most {max(1, hi // 2)}"
+            + ("" if hi >= 2 else ", or score at least 2 candidates per input")
+        )
 
 
 def load_scores_table(url: str, storage_options: dict):

@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dp2o.reward.registry import MetricSpec
+from dp2o.reward.registry import MetricSpec, unknown_metric_names
 
 
 class RewardConfig(BaseModel):
     """How raw scores become the hybrid reward (see docs/reward.md)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     normalization: Literal["dataset", "group"] = Field(
         "dataset", description="min–max pool: every row of the table, or the candidates of one sample_id"
@@ -54,6 +54,12 @@ class RewardConfig(BaseModel):
     @field_validator("metric_weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = unknown_metric_names(list(value))
+        if unknown:
+            raise ValueError(
+                f"metric_weights names unknown metric(s) {', '.join(unknown)}; keys are metric names "
+                "(see dp2o.reward.registry.METRICS)"
+            )
         negative = {k: v for k, v in value.items() if not v >= 0}
         if negative:
             raise ValueError(f"metric_weights must be >= 0, got {negative}")

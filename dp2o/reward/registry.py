@@ -211,34 +211,74 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def resolve_metrics(names_or_preset: str | Sequence[str]) -> list[MetricSpec]:
-    """Specs for a preset name ("paper", "offline"), a comma-separated string, or a list of metric names.
+def _did_you_mean(name: str) -> str:
+    by_pyiqa = [s.name for s in METRICS.values() if s.pyiqa_name == name]
+    lowered = [n for n in [*METRICS, *PRESETS] if n == name.lower().strip()]
+    close = by_pyiqa or lowered or difflib.get_close_matches(name, [*METRICS, *PRESETS], n=3, cutoff=0.6)
+    return f"{name!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
 
-    Presets may be mixed with names in a list. Unknown names raise ValueError with close matches.
-    """
+
+def metric_names(names_or_preset: str | Sequence[str]) -> list[str]:
+    """The metric names of a preset name ("paper", "offline"), a comma-separated string, or a list of names
+    (presets may be mixed with names in a list), checked against `METRICS`.
+
+    Raises ValueError naming unknown or repeated names, with close matches. Pure data: imports no model code,
+    so configs are checked before torch or pyiqa is loaded."""
     if isinstance(names_or_preset, str):
         items = [s.strip() for s in names_or_preset.split(",") if s.strip()]
     else:
         items = list(names_or_preset)
     if not items:
         raise ValueError(f"no metrics given; name a preset ({', '.join(PRESETS)}) or metrics from METRICS")
+    bad_items = [i for i in items if not isinstance(i, str) or not i.strip()]
+    if bad_items:
+        raise ValueError(f"metric names must be non-empty strings, got {bad_items!r}")
     names: list[str] = []
     for item in items:
         names.extend(PRESETS.get(item, (item,)))
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        hints = []
-        for n in unknown:
-            by_pyiqa = [s.name for s in METRICS.values() if s.pyiqa_name == n]
-            close = by_pyiqa or difflib.get_close_matches(n, [*METRICS, *PRESETS], n=3, cutoff=0.6)
-            hints.append(f"{n!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
         raise ValueError(
-            f"unknown metric(s) {', '.join(hints)}; known metrics: {', '.join(METRICS)}; presets: {', '.join(PRESETS)}"
+            f"unknown metric(s) {', '.join(map(_did_you_mean, unknown))}; known metrics: {', '.join(METRICS)}; "
+            f"presets: {', '.join(PRESETS)}"
         )
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ValueError(f"metric(s) {', '.join(duplicated)} listed more than once")
-    return [METRICS[n] for n in names]
+    return names
+
+
+def resolve_metrics(names_or_preset: str | Sequence[str]) -> list[MetricSpec]:
+    """Specs for a preset name ("paper", "offline"), a comma-separated string, or a list of metric names.
+
+    Presets may be mixed with names in a list. Unknown names raise ValueError with close matches.
+    """
+    return [METRICS[n] for n in metric_names(names_or_preset)]
+
+
+def unknown_metric_names(names: Sequence[str]) -> list[str]:
+    """`names` that are not metrics of the table, each with its close matches (for messages)."""
+    return [_did_you_mean(n) for n in names if n not in METRICS]
+
+
+def check_metric_weights(weights: dict[str, float], metrics: str | Sequence[str]) -> None:
+    """A reward's `metric_weights` may only name metrics that are scored (`metrics`: a preset or names), and
+    must leave the FR and the NR metrics each a positive total weight. Raises ValueError saying which."""
+    names = metric_names(metrics)
+    extra = [k for k in weights if k not in names]
+    if extra:
+        it = "it" if len(extra) == 1 else "them"
+        raise ValueError(
+            f"reward.metric_weights names {', '.join(map(repr, extra))}, not among the metrics this section scores "
+            f"({', '.join(names)}); drop {it} from metric_weights or add {it} to the section's metrics"
+        )
+    for kind in ("FR", "NR"):
+        of_kind = [n for n in names if METRICS[n].kind == kind]
+        if of_kind and sum(float(weights.get(n, 1.0)) for n in of_kind) <= 0:
+            raise ValueError(
+                f"reward.metric_weights gives the {kind} metrics ({', '.join(of_kind)}) a total weight of 0; "
+                "raise one of them above 0"
+            )
 
 
 class MetricWeightsMissing(Dp2oError, RuntimeError):

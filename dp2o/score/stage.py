@@ -38,11 +38,17 @@ def _scorer_cached(metrics_json: str, device: str, batch_size: int):
     return MetricScorer(resolve_metrics(json.loads(metrics_json)), device=device, batch_size=batch_size)
 
 
-def scorer(cfg: ScoreConfig):
-    """The metric models, loaded once per process."""
+def load_scorer(metrics: str | tuple[str, ...], device: str, batch_size: int):
+    """The metric models of a preset or names, loaded once per process for each (metrics, device, batch)."""
     from dp2o.devices import resolve_device
 
-    return _scorer_cached(json.dumps(metric_names(cfg)), str(resolve_device(cfg.device)), cfg.batch_size)
+    names = metrics if isinstance(metrics, str) else list(metrics)
+    return _scorer_cached(json.dumps(names), str(resolve_device(device)), batch_size)
+
+
+def scorer(cfg: ScoreConfig):
+    """The score stage's metric models, loaded once per process."""
+    return load_scorer(cfg.metrics, cfg.device, cfg.batch_size)
 
 
 def preflight(cfg: ScoreConfig) -> None:
@@ -123,7 +129,8 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     return ShardOutput(spec.name, {f"data/{spec.name}.parquet": str(pq_path)}, rows=len(rows), errors=0)
 
 
-def _metrics_flag(value: str) -> str | list[str]:
+def metrics_flag(value: str) -> str | list[str]:
+    """`--metrics` on the command line: a preset name, or comma-separated metric names."""
     return value if "," not in value else [x.strip() for x in value.split(",")]
 
 
@@ -140,9 +147,7 @@ STAGE = Stage(
     resources="gpu",
     preflight=preflight,
     flags=(
-        Flag(
-            "--metrics", "metrics", "preset (offline, paper) or comma-separated metric names", _metrics_flag
-        ),
+        Flag("--metrics", "metrics", "preset (offline, paper) or comma-separated metric names", metrics_flag),
     ),
     cli_then="reward",
 )

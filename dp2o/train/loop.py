@@ -3,9 +3,15 @@
 config → backend (policy + frozen reference) → AdamW → loop over steps; each step draws `pairs_per_step` pairs,
 processes them in micro-batches (gradient accumulation), and logs the loss and implicit accuracy. The design
 choice a reader would miss: nothing in a step depends on RNG *state*. The pairs of step k, and every timestep
-and noise draw in it, come from generators seeded by (seed, step, micro-batch), so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have — the checkpoint only needs the weights, the
-optimiser and scheduler state, and the metrics so far.
+and noise draw in it, come from generators seeded by (seed, step, micro-batch index in the step), so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have — the checkpoint only needs the
+weights, the optimiser and scheduler state, and the metrics so far.
+
+The same loop runs data-parallel when called inside a `torch.distributed` process group (started by
+`dp2o.train.distributed` for `train.num_processes > 1`): each rank takes a contiguous share of every step's
+micro-batches (still seeded by their index in the step, never by the rank), gradients and logged sums are
+summed over the ranks before the update, and rank 0 alone writes checkpoints. Outside a process group every
+collective is a no-op.
 
 Checkpoints follow the commit protocol: files first, `COMPLETE.json` last, old checkpoints deleted only after
 the new one is complete; "latest" is the newest *complete* checkpoint.
@@ -31,6 +37,15 @@ from dp2o.config import TrainConfig, canonical
 from dp2o.models.base import Backend, NoisedBatch
 from dp2o.seeding import derive_seed, numpy_rng, torch_generator
 from dp2o.storage import Storage
+from dp2o.train.distributed import (
+    barrier,
+    broadcast_object,
+    broadcast_parameters,
+    share,
+    sum_gradients,
+    sum_scalars,
+    world,
+)
 from dp2o.train.losses import dpo_loss
 
 CHECKPOINTS = "checkpoints"
@@ -155,6 +170,10 @@ def load_checkpoint(out: Storage, step: int, backend: Backend, opt, sched) -> li
         return pq.read_table(tmp / "metrics.parquet").to_pylist()
 
 
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
 # ---- the loop --------------------------------------------------------------------------------------------------------
 
 
@@ -170,7 +189,11 @@ def train_dpo(
 
     images: provides `candidates(sample_ids, candidate_ids)` and `lr(sample_ids)` as float [B,3,H,W] in [0, 1]
     (see `dp2o.train.data.PairImages`). Resumes from the newest complete checkpoint in `out` if there is one.
+    In a process group every rank calls this with the same arguments; all return the same result.
     """
+    rank, size = world()
+    if rank > 0:
+        log = _quiet
     log = log or logging.getLogger("dp2o").info
     n_pairs = pairs.num_rows
     if n_pairs == 0:
@@ -193,12 +216,13 @@ def train_dpo(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
 
     metrics: list[dict] = []
-    start = 0
-    done = complete_checkpoints(out)
-    if done:
-        start = done[-1]
+    # rank 0 picks the checkpoint and every rank loads that one (rank 0 only deletes old ones after this step)
+    done = complete_checkpoints(out) if rank == 0 else []
+    start = broadcast_object(done[-1] if done else 0)
+    if start:
         metrics = load_checkpoint(out, start, backend, opt, sched)
         log(f"train: resumed from {out.join_url(CHECKPOINTS, checkpoint_name(start))}")
+    broadcast_parameters(params)
 
     backend.train()
     for step in range(start, cfg.steps):
@@ -206,7 +230,9 @@ def train_dpo(
         idx = pair_indices(step, cfg.pairs_per_step, n_pairs, cfg.seed)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for mb, lo in enumerate(range(0, len(idx), cfg.micro_batch)):
+        starts = range(0, len(idx), cfg.micro_batch)
+        for mb in share(len(starts), rank, size):  # all of them in one process
+            lo = starts[mb]
             sel = idx[lo : lo + cfg.micro_batch]
             n = len(sel)
             ids = sample_ids[sel].tolist()
@@ -223,6 +249,9 @@ def train_dpo(
             (loss * (n / len(idx))).backward()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
+        # each rank scaled its losses by the global batch size, so the sum is the one-process gradient
+        sum_gradients(params)
+        sums = sum_scalars(sums, params[0].device if params else torch.device("cpu"))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         current_lr = opt.param_groups[0]["lr"]
         opt.step()
@@ -235,8 +264,9 @@ def train_dpo(
                 f"train: step {step + 1}/{cfg.steps} loss {row['loss']:.4f} implicit_acc {row['implicit_acc']:.3f} "
                 f"lr {current_lr:.2e} ({row['seconds']:.2f}s)"
             )
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if rank == 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(out, step + 1, backend, opt, sched, metrics, cfg)
+    barrier()
     backend.eval()
     table = pa.Table.from_pylist(metrics) if metrics else pa.table({k: [] for k in METRIC_COLUMNS})
     last = metrics[-1] if metrics else {}

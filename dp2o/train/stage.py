@@ -5,7 +5,8 @@ the model that made the candidates, plus the runtime-only backend fields of the 
 gradient checkpointing, compile, CPU offload): those are not recorded upstream because they do not change
 results, so they come from the run's config through `StagePlan.runtime`. Checkpoints are written under the
 stage folder by the training loop as it goes (full state, marker last); the final model and the metrics
-table are the stage's one shard.
+table are the stage's one shard. With `train.num_processes > 1` the body trains data-parallel in processes it
+spawns itself (`dp2o.train.distributed`); it still returns the one shard, from rank 0.
 """
 
 from __future__ import annotations
@@ -57,21 +58,23 @@ def backend_config(plan: StagePlan):
 
 
 def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutput]:
-    from dp2o.models import build_backend
+    from functools import partial
+
     from dp2o.train.data import PairImages
-    from dp2o.train.loop import train_dpo
+    from dp2o.train.distributed import TrainJob, run_training
 
     cfg: TrainConfig = plan.config
-    backend = build_backend(backend_config(plan))
-    pairs = read_stage_table(plan.upstream_dir("pairs"))
-    images = PairImages(plan.upstream_dir("sample"), plan.upstream_dir("degrade"), cache_dir=tmp / "cache")
-    try:
-        result = train_dpo(backend, pairs, images, cfg, plan.out)
-    finally:
-        images.close()
+    job = TrainJob(
+        backend=backend_config(plan),
+        pairs=read_stage_table(plan.upstream_dir("pairs")),
+        images=partial(PairImages, plan.upstream_dir("sample"), plan.upstream_dir("degrade")),
+        config=cfg,
+        out=plan.out,
+    )
+    # train.num_processes > 1: spawned processes rebuild the backend from `job`; rank 0's outputs come back here
+    trained = run_training(job, tmp)
+    result, mdir = trained.result, trained.model_dir
     files = {}
-    mdir = tmp / "model"
-    backend.save_trainable(mdir)
     for f in sorted(mdir.rglob("*")):
         if f.is_file():
             files[f"model/{f.relative_to(mdir).as_posix()}"] = str(f)
@@ -113,5 +116,6 @@ STAGE = Stage(
     resources="gpu",
     summarize=summarize,
     runtime_of=runtime_of,
+    devices_of=lambda cfg: cfg.num_processes,
     flags=(Flag("--steps", "steps", "optimiser steps", int),),
 )
