@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-#: columns that hold wall-clock time, per file name
+#: columns that hold wall-clock time, per file name (train metrics had `seconds` before it moved to the marker)
 WALL_CLOCK = {"metrics.parquet": ("seconds",)}
 
 
