@@ -229,7 +229,7 @@ class DegradeConfig(_Frozen):
     seed: int = Field(
         0, description="global seed; each sample's crop and parameters derive from (seed, sample id)"
     )
-    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    degradation: DegradationConfig = Field(DegradationConfig())
     max_failed_fraction: float = runtime(
         default=0.5, ge=0, le=1, description="fail the stage if a larger fraction of rows are errors"
     )
@@ -285,7 +285,7 @@ class DegradeConfig(_Frozen):
 class SampleConfig(_Frozen):
     """M candidates per LR input from a Real-ISR backend, one recorded seed each."""
 
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(BackendConfig())
     num_candidates: int = Field(32, ge=2, description="M, candidates per LR input")
     seed: int = Field(0, description="global seed; candidate seeds derive from (seed, sample id, candidate)")
     max_failed_fraction: float = runtime(
@@ -308,7 +308,7 @@ class ScoreConfig(_Frozen):
     batch_size: int = Field(
         8, ge=1, description="scoring batch size; fingerprinted because some learned metrics depend on it"
     )
-    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward: RewardConfig = Field(RewardConfig())
     device: str = runtime(default="auto", description="auto = cuda if available else cpu")
 
     @field_validator("metrics")
@@ -404,7 +404,7 @@ class EvaluateConfig(_Frozen):
         "offline",
         description="a preset name (paper, offline) or metric names; FR metrics only where HR exists",
     )
-    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reward: RewardConfig = Field(RewardConfig())
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the t-intervals in the summary")
     batch_size: int = runtime(default=8, ge=1, description="(LR, seed) rows per denoising batch")
     device: str = runtime(default="auto", description="scoring device; auto = cuda if available else cpu")
@@ -471,16 +471,16 @@ class PipelineConfig(_Frozen):
 
     root: str = Field("runs/demo", description="run root; every stage writes <root>/<stage>/<fingerprint>/")
     storage_options: dict[str, Any] = runtime(
-        default_factory=dict,
+        default={},
         description="fsspec options (endpoint_url, region, anon, ...); never credentials: they come from the "
         "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or ~/.aws/credentials",
     )
-    degrade: DegradeConfig = Field(default_factory=DegradeConfig)
-    sample: SampleConfig = Field(default_factory=SampleConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    pairs: PairsConfig = Field(default_factory=PairsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    degrade: DegradeConfig = Field(DegradeConfig())
+    sample: SampleConfig = Field(SampleConfig())
+    score: ScoreConfig = Field(ScoreConfig())
+    pairs: PairsConfig = Field(PairsConfig())
+    train: TrainConfig = Field(TrainConfig())
+    evaluate: EvaluateConfig = Field(EvaluateConfig())
     workers: int = runtime(
         default=1, ge=1, description="shards processed concurrently in threads, where the stage allows it"
     )
@@ -488,7 +488,7 @@ class PipelineConfig(_Frozen):
         default="local",
         description="local: this process (threads); ray: shards fanned out over a Ray cluster",
     )
-    ray: RayConfig = runtime(default_factory=RayConfig, description="the Ray executor's settings")
+    ray: RayConfig = runtime(default=RayConfig(), description="the Ray executor's settings")
     shard_index: int | None = runtime(
         default=None, ge=0, description="with num_shards: this process computes only shards i, i+n, i+2n, ..."
     )
@@ -686,6 +686,17 @@ def deep_merge(base: dict, extra: Mapping) -> dict:
     for k, v in extra.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
     return out
+
+
+def apply_overrides(config: BaseModel, overrides: list[str] | None) -> BaseModel:
+    """`config` with dotted KEY=VALUE overrides (the CLI's --set form) merged in and validated again."""
+    if not overrides:
+        return config
+    data = deep_merge(config.model_dump(mode="json"), parse_overrides(overrides))
+    try:
+        return type(config).model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, "overrides")) from None
 
 
 def load_config(model: type[BaseModel], path: str | Path | None = None, overrides: Mapping | None = None):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from prefect import flow
 
-from dp2o.config import PipelineConfig
+from dp2o import registry
+from dp2o.config import PipelineConfig, apply_overrides
 from dp2o.driver import PARTITION_WAIT_SECONDS, StageResult, run_pipeline, summary
 from dp2o.plan import StagePlan
 from flows.common import execute_with_prefect
@@ -27,9 +29,25 @@ def run_stage_subflow(plan: StagePlan, **options) -> StageResult:
     return sub(stage_run)()
 
 
+#: the stages `until` may name, as an enum in the flow's parameter schema (a typo cannot run the whole chain)
+PipelineStage = Literal[tuple(s.name for s in registry.pipeline_stages())]
+
+
 @flow(name="dp2o-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig, until: str | None = None) -> str:
-    """Run every stage under config.root; committed shards are skipped. Returns the one-screen summary."""
+def pipeline(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - a frozen model: the UI form shows its defaults
+    until: PipelineStage | None = None,
+    overrides: list[str] | None = None,
+) -> str:
+    """Run every stage under config.root; committed shards are skipped. Returns the one-screen summary.
+
+    Args:
+        config: the pipeline config (the deployment's, as the form shows it)
+        until: stop after this stage
+        overrides: dotted KEY=VALUE changes merged over `config`, as with the CLI's --set (e.g.
+            sample.num_candidates=16), so one value changes without passing the whole config
+    """
+    config = apply_overrides(config, overrides)
     t0 = time.perf_counter()
 
     def execute(plan: StagePlan) -> StageResult:

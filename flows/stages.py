@@ -17,7 +17,7 @@ from typing import Any, Literal
 from prefect import Flow, flow
 
 from dp2o import registry
-from dp2o.config import RayConfig
+from dp2o.config import RayConfig, apply_overrides
 from dp2o.errors import StageError
 from flows.common import execute_with_prefect
 
@@ -25,7 +25,8 @@ _P = inspect.Parameter
 
 
 def _signature(stage: registry.Stage) -> inspect.Signature:
-    params = [_P("config", _P.KEYWORD_ONLY, annotation=stage.config)]
+    # a default instance: the UI form shows every default (a frozen model, safe to share)
+    params = [_P("config", _P.KEYWORD_ONLY, annotation=stage.config, default=stage.config())]
     for i in stage.inputs:
         if i.required:
             params.append(_P(i.name, _P.KEYWORD_ONLY, annotation=str))
@@ -41,6 +42,7 @@ def _signature(stage: registry.Stage) -> inspect.Signature:
         _P("ray", _P.KEYWORD_ONLY, annotation=RayConfig | None, default=None),
         _P("shard_index", _P.KEYWORD_ONLY, annotation=int | None, default=None),
         _P("num_shards", _P.KEYWORD_ONLY, annotation=int, default=1),
+        _P("overrides", _P.KEYWORD_ONLY, annotation=list[str] | None, default=None),
     ]
     return inspect.Signature(params, return_annotation=dict)
 
@@ -52,7 +54,7 @@ def stage_flow(name: str) -> Flow:
 
     def run(**params) -> dict:
         plan = stage.plan(
-            params["config"],
+            apply_overrides(params.get("config", stage.config()), params.get("overrides")),
             {i.name: params.get(i.name) for i in stage.inputs},
             params.get("out"),
             root=params.get("root", "runs"),
@@ -74,7 +76,10 @@ def stage_flow(name: str) -> Flow:
     run.__name__ = run.__qualname__ = name
     run.__module__ = __name__
     run.__doc__ = f"{stage.description}.\n\nArgs:\n" + "\n".join(
-        f"    {i.name}: {i.help}" for i in stage.inputs
+        [
+            *(f"    {i.name}: {i.help}" for i in stage.inputs),
+            "    overrides: dotted KEY=VALUE changes of `config` (e.g. num_candidates=16), as the CLI's --set",
+        ]
     )
     return flow(name=name, log_prints=True)(run)
 

@@ -48,7 +48,7 @@ class RoundConfig(BaseModel):
         DEFAULT_KERNEL_SIZES, description="odd kernel sizes, drawn uniformly"
     )
     kernel_probs: dict[KernelKind, float] = Field(
-        default_factory=lambda: {
+        {
             "iso": 0.45,
             "aniso": 0.25,
             "generalized_iso": 0.12,
@@ -73,7 +73,7 @@ class RoundConfig(BaseModel):
     betag_range: Range = Field((0.5, 4.0), description="generalized-Gaussian shape range")
     betap_range: Range = Field((1.0, 2.0), description="plateau shape range")
     resize_probs: dict[Literal["up", "down", "keep"], float] = Field(
-        default_factory=lambda: {"up": 0.2, "down": 0.7, "keep": 0.1},
+        {"up": 0.2, "down": 0.7, "keep": 0.1},
         description="weights of resize direction",
     )
     resize_range: Range = Field((0.15, 1.5), description="(min down-scale, max up-scale) factors")
@@ -158,8 +158,8 @@ class DegradationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     scale: int = Field(4, ge=1, description="HR/LR size ratio; HR sides must be multiples of it")
-    first: RoundConfig = Field(default_factory=RoundConfig, description="the first round")
-    second: RoundConfig = Field(default_factory=_second_round, description="the second round")
+    first: RoundConfig = Field(RoundConfig(), description="the first round")
+    second: RoundConfig = Field(_second_round(), description="the second round")
     second_order_prob: float = Field(
         1.0, ge=0, le=1, description="probability of the second round (Real-ESRGAN always applies it: 1.0)"
     )
@@ -174,7 +174,7 @@ class DegradationConfig(BaseModel):
     final_jpeg_last_prob: float = Field(
         0.5, ge=0, le=1, description="probability that the last JPEG comes after (not before) resize + sinc"
     )
-    usm: USMConfig = Field(default_factory=USMConfig, description="unsharp-mask settings")
+    usm: USMConfig = Field(USMConfig(), description="unsharp-mask settings")
     usm_sharpen_input: bool = Field(True, description="degrade the USM-sharpened HR (as Real-ESRGAN does)")
     usm_sharpen_hr: bool = Field(
         True, description="return the USM-sharpened HR as target (Real-ESRGAN's L1/perceptual target)"

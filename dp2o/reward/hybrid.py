@@ -39,7 +39,7 @@ class RewardConfig(BaseModel):
     )
     fr_weight: float = Field(0.5, ge=0.0, le=1.0, description="share of the FR mean in R (NR gets the rest)")
     metric_weights: dict[str, float] = Field(
-        default_factory=dict,
+        {},
         description="per-metric weight inside its FR or NR mean; unlisted metrics weigh 1",
     )
 

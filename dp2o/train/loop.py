@@ -220,7 +220,9 @@ def train_dpo(
     start = broadcast_object(done[-1] if done else 0)
     if start:
         # older checkpoints also held a wall-clock `seconds` column: data files hold results only
-        metrics = [{k: r.get(k) for k in METRIC_COLUMNS} for r in load_checkpoint(out, start, backend, opt, sched)]
+        metrics = [
+            {k: r.get(k) for k in METRIC_COLUMNS} for r in load_checkpoint(out, start, backend, opt, sched)
+        ]
         log(f"train: resumed from {out.join_url(CHECKPOINTS, checkpoint_name(start))}")
     broadcast_parameters(params)
 
@@ -260,7 +262,9 @@ def train_dpo(
         row = {k: sums.get(k, float("nan")) / len(idx) for k in METRIC_COLUMNS if k in sums}
         row.update(step=step + 1, lr=current_lr, grad_norm=float(grad_norm))
         metrics.append({k: row.get(k) for k in METRIC_COLUMNS})
-        step_seconds.append(time.perf_counter() - t0)  # wall clock: logs and the marker's stats, not the table
+        step_seconds.append(
+            time.perf_counter() - t0
+        )  # wall clock: logs and the marker's stats, not the table
         if step == start or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log(
                 f"train: step {step + 1}/{cfg.steps} loss {row['loss']:.4f} implicit_acc {row['implicit_acc']:.3f} "
