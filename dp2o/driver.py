@@ -60,12 +60,49 @@ class StageResult:
         }
 
 
+class ProgressLog:
+    """`<stage>: k/n shards, rows, elapsed, ETA` on the `dp2o` logger: at the first and last shard and at most
+    every `every` seconds in between, so long stages are never silent and logs never flood."""
+
+    def __init__(self, stage: str, total: int, every: float = 10.0):
+        self.stage, self.total, self.every = stage, total, every
+        self.done = self.rows = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, marker: Any = None) -> None:
+        self.done += 1
+        if isinstance(marker, dict):
+            self.rows += marker.get("rows", 0)
+        now = time.monotonic()
+        if self.done not in (1, self.total) and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        log.info(
+            "%s: %d/%d shards, %d rows, %.0f s elapsed, ETA %.0f s",
+            self.stage,
+            self.done,
+            self.total,
+            self.rows,
+            elapsed,
+            eta,
+        )
+
+
 def map_locally(fn: Callable[..., Any], calls: Sequence[tuple], concurrency: int) -> list:
     """The local executor: a loop, or a thread pool when the stage allows concurrency."""
+    progress = ProgressLog(calls[0][0].stage, len(calls)) if calls else None
+
+    def call(args: tuple) -> Any:
+        result = fn(*args)
+        progress.update(result)
+        return result
+
     if concurrency > 1 and len(calls) > 1:
         with ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda args: fn(*args), calls))
-    return [fn(*args) for args in calls]
+            return list(pool.map(call, calls))
+    return [call(args) for args in calls]
 
 
 def concurrency_of(stage_name: str, workers: int) -> int:

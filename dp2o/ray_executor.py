@@ -32,6 +32,7 @@ from typing import Any
 
 from dp2o import registry
 from dp2o.config import RayConfig
+from dp2o.driver import ProgressLog
 from dp2o.errors import Dp2oError, StageError
 
 log = logging.getLogger("dp2o")
@@ -133,6 +134,7 @@ class RayExecutor:
         queue = list(range(len(calls)))
         free = list(actors)
         inflight: dict[Any, tuple[int, Any]] = {}
+        progress = ProgressLog(stage.name, len(calls))
         try:
             while queue or inflight:
                 while queue and free:
@@ -145,6 +147,7 @@ class RayExecutor:
                     try:
                         results[i] = ray.get(ref)
                         free.append(actor)
+                        progress.update(results[i])
                         continue
                     except RayActorError as e:  # the worker process died: replace it
                         ray.kill(actor)
