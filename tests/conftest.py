@@ -1,4 +1,5 @@
-"""Test-wide settings: offline hub, no Prefect analytics, a private PREFECT_HOME, one CPU thread per test."""
+"""Test-wide settings: offline hub, no Prefect analytics, a private PREFECT_HOME, one CPU thread per test
+(DP2O_TEST_TORCH_THREADS to change it)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+#: torch threads per test process (1 by default; DP2O_TEST_TORCH_THREADS=2/4 runs the suite with more, to show no
+#: test depends on one kernel's summation order)
+torch.set_num_threads(int(os.environ.get("DP2O_TEST_TORCH_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
