@@ -5,4 +5,11 @@ run by one driver (`dp2o.driver`) over plain functions of one shard, so it can b
 without an orchestrator. `flows/` and `tasks/` are a thin Prefect executor of that driver.
 """
 
+from dp2o.lazy import lazy_exports
+
 __version__ = "0.1.0"
+
+#: loaded on first use: `import dp2o` stays cheap
+__getattr__, __dir__ = lazy_exports(
+    "dp2o", {"open_image": "dp2o.images", "image_ref": "dp2o.images"}, globals()
+)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan
-from dp2o.storage import ShardOutput
+from dp2o.storage import ShardOutput, Storage
 
 #: modules that define the built-in stages, in pipeline order (each has a module-level `STAGE`)
 BUILTIN: tuple[str, ...] = (
@@ -98,6 +98,9 @@ class Stage:
     preflight: Callable[[Any], None] | None = None
     #: extra lines for the run summary, from the finished manifest
     summarize: Callable[[dict], list[str]] | None = None
+    #: plain-data descriptions of a finished run for an orchestrator to show (tables, markdown, links; see
+    #: `dp2o.describe`): (manifest, stage folder URL, its Storage) -> [{"kind": ..., "key": ..., ...}]
+    describe: Callable[[dict, str, Storage], list[dict]] | None = None
     #: merge one per-shard statistic into the stage total: (key, total so far, shard's value) -> total
     combine: Callable[[str, Any, Any], Any] | None = None
     #: devices one task of this stage uses at once (e.g. train's data-parallel processes); None = 1

@@ -465,6 +465,17 @@ def summarize(m: dict) -> list[str]:
     return lines
 
 
+def describe(manifest: dict, url: str, storage) -> list[dict]:
+    """The base vs tuned Best/Mean/Worst@M tables (the stage's summary.md) as markdown."""
+    from dp2o import describe as d
+
+    if not storage.exists("summary.md"):
+        return []
+    with storage.open("summary.md", mode="rb") as f:
+        text = f.read().decode("utf-8")
+    return [d.markdown("evaluate-summary", text, "base vs tuned model: Best/Mean/Worst@M")]
+
+
 STAGE = Stage(
     name="evaluate",
     version=1,
@@ -493,6 +504,7 @@ STAGE = Stage(
     in_pipeline=False,
     preflight=preflight,
     summarize=summarize,
+    describe=describe,
     runtime_of=runtime_of,
     flags=(
         Flag("--num-candidates", "num_candidates", "M, candidates per held-out input and model", int),

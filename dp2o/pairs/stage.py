@@ -158,6 +158,45 @@ def summarize(m: dict) -> list[str]:
     ]
 
 
+#: the manifest's pair statistics, in the order the counts table shows them, with what each means
+PAIR_COUNTS = (
+    ("groups", "input groups (sample_id) with a finite reward"),
+    ("groups_with_pairs", "groups used: at least one pair written"),
+    ("groups_zero_spread", "skipped: every candidate of the group has the same reward"),
+    ("groups_too_small", "skipped: fewer than 2N scored candidates"),
+    ("candidates_nonfinite", "candidates left out: reward NaN or infinite"),
+    ("pairs", "pairs written"),
+    ("pairs_tied", "pairs whose winner and loser rewards are equal"),
+    ("n_top", "N: winners (and losers) per group"),
+    ("mu_gap_mean", "mean reward gap of the groups with pairs"),
+    ("mu_sigma", "mean reward std of the groups with pairs"),
+)
+
+
+def describe(manifest: dict, url: str, storage) -> list[dict]:
+    """Counts (groups used, skipped and why) and the distribution of the pair weights."""
+    from dp2o import describe as d
+
+    st = manifest.get("stats", {})
+    counts = [
+        {"count": k, "value": d.rounded(st.get(k)), "meaning": why} for k, why in PAIR_COUNTS if k in st
+    ]
+    out = [d.table("pairs-counts", counts, "groups used and skipped, pairs written")]
+    t = read_stage_table(storage, ["weight"]) if manifest.get("rows") else None
+    if t is not None and t.num_rows:
+        w = t["weight"].to_pylist()
+        s = d.summary(w)
+        out.append(
+            d.table(
+                "pairs-weights",
+                d.histogram(w),
+                f"pair weights ({manifest.get('config', {}).get('weighting', '?')}): {s['count']} pairs, "
+                f"min {s['min']}, mean {s['mean']}, max {s['max']}",
+            )
+        )
+    return out
+
+
 STAGE = Stage(
     name="pairs",
     version=1,
@@ -176,6 +215,7 @@ STAGE = Stage(
     run_all=run_all,
     resources="cpu",
     summarize=summarize,
+    describe=describe,
     flags=(
         Flag("--n-top", "n_top", "N: top-N winners x bottom-N losers per input (1 = best vs worst)", int),
         Flag("--weighting", "weighting", "hierarchical weights or weight 1", str, ("hpo", "uniform")),

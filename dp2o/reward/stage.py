@@ -79,6 +79,32 @@ def summarize(m: dict) -> list[str]:
     ]
 
 
+def describe(manifest: dict, url: str, storage) -> list[dict]:
+    """The reward distribution (a small histogram) and, per metric, its direction, raw range and correlation
+    with the reward."""
+    from dp2o import describe as d
+    from dp2o.plan import read_stage_table
+    from dp2o.score.stage import metric_summary, scored_metric_names
+
+    t = read_stage_table(storage)
+    if t.num_rows == 0:
+        return []
+    reward = t["reward"].to_pylist()
+    st = d.summary(reward)
+    return [
+        d.table(
+            "reward-histogram",
+            d.histogram(reward),
+            f"hybrid reward of {st['count']} candidates: min {st['min']}, mean {st['mean']}, max {st['max']}",
+        ),
+        d.table(
+            "reward-metrics",
+            metric_summary(t, scored_metric_names(manifest, t), reward),
+            "per metric: direction, raw range and Pearson correlation of the raw score with the reward",
+        ),
+    ]
+
+
 STAGE = Stage(
     name="reward",
     version=1,
@@ -90,4 +116,5 @@ STAGE = Stage(
     run_all=run_all,
     resources="cpu",
     summarize=summarize,
+    describe=describe,
 )

@@ -129,6 +129,51 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     return ShardOutput(spec.name, {f"data/{spec.name}.parquet": str(pq_path)}, rows=len(rows), errors=0)
 
 
+def metric_summary(table, names: list[str], reward=None) -> list[dict]:
+    """One row per metric column of `table`: its direction, raw count/min/mean/max and, given `reward`
+    values, Pearson's correlation of the raw column with the reward."""
+    from dp2o import describe as d
+    from dp2o.reward.registry import METRICS
+
+    rows = []
+    for name in names:
+        if name not in table.column_names:
+            continue
+        values = table[name].to_pylist()
+        spec = METRICS.get(name)
+        direction = "?" if spec is None else ("lower better" if spec.lower_better else "higher better")
+        st = d.summary(values)
+        row = {"metric": name, "direction": direction, "count": st["count"], "raw_min": st["min"]}
+        row |= {"raw_mean": st["mean"], "raw_max": st["max"]}
+        if reward is not None:
+            row["corr_with_reward"] = d.correlation(values, reward)
+        rows.append(row)
+    return rows
+
+
+def scored_metric_names(manifest: dict, table) -> list[str]:
+    """The metric columns of a score (or reward) table: the manifest config's metrics, else its float columns."""
+    import pyarrow.types as pat
+
+    try:
+        return [m.name for m in metric_specs(ScoreConfig.model_validate(manifest["config"]))]
+    except Exception:
+        fixed = {"sample_id", "candidate", "seed", "status", "error", "reward"}
+        return [f.name for f in table.schema if f.name not in fixed and pat.is_floating(f.type)]
+
+
+def describe(manifest: dict, url: str, storage) -> list[dict]:
+    """Per-metric summary of the raw scores (direction, raw range)."""
+    from dp2o import describe as d
+    from dp2o.plan import read_stage_table
+
+    t = read_stage_table(storage)
+    if t.num_rows == 0:
+        return []
+    rows = metric_summary(t, scored_metric_names(manifest, t))
+    return [d.table("metrics", rows, f"raw IQA scores of {t.num_rows} candidates, per metric")]
+
+
 def metrics_flag(value: str) -> str | list[str]:
     """`--metrics` on the command line: a preset name, or comma-separated metric names."""
     return value if "," not in value else [x.strip() for x in value.split(",")]
@@ -146,6 +191,7 @@ STAGE = Stage(
     concurrent=False,
     resources="gpu",
     preflight=preflight,
+    describe=describe,
     flags=(
         Flag("--metrics", "metrics", "preset (offline, paper) or comma-separated metric names", metrics_flag),
     ),

@@ -95,6 +95,52 @@ def summarize(m: dict) -> list[str]:
     ]
 
 
+def describe(manifest: dict, url: str, storage) -> list[dict]:
+    """Loss and implicit accuracy over the steps (sparklines plus a table of sampled steps) and the model."""
+    from dp2o import describe as d
+    from dp2o.storage import read_parquet
+
+    st = manifest.get("stats", {})
+    model = f"{url.rstrip('/')}/model"
+    rows = read_parquet(storage, "data/metrics.parquet").to_pylist() if manifest.get("rows") else []
+    loss = [r.get("loss") for r in rows]
+    acc = [r.get("implicit_acc") for r in rows]
+    ls, acs = d.summary(loss), d.summary(acc)
+    sampled = [
+        {
+            "step": rows[i].get("step"),
+            "loss": rows[i].get("loss"),
+            "implicit_acc": rows[i].get("implicit_acc"),
+        }
+        for i in d.sample_indices(len(rows), 20)
+    ]
+    text = "\n".join(
+        [
+            f"## Diffusion-DPO training: {len(rows)} logged step(s) of {st.get('steps')}",
+            "",
+            f"- tuned model: `{model}`",
+            f"- pairs: {st.get('pairs')}, beta: {st.get('beta')}, resumed from step: {st.get('resumed_from')}",
+            f"- loss: first {d.rounded(st.get('first_loss'))}, final {d.rounded(st.get('final_loss'))} "
+            f"(min {ls['min']}, max {ls['max']})",
+            f"- implicit accuracy: final {d.rounded(st.get('final_implicit_acc'))} "
+            f"(min {acs['min']}, max {acs['max']})",
+            "",
+            "```",
+            f"loss          {d.sparkline(loss)}",
+            f"implicit acc  {d.sparkline(acc)}",
+            "```",
+            "",
+            "Sampled steps:",
+            "",
+            d.markdown_table(sampled),
+        ]
+    )
+    return [
+        d.markdown("train-curve", text, "loss and implicit accuracy over the steps"),
+        d.link("model", model, "tuned model", "the tuned model folder"),
+    ]
+
+
 STAGE = Stage(
     name="train",
     version=1,
@@ -115,6 +161,7 @@ STAGE = Stage(
     run_all=run_all,
     resources="gpu",
     summarize=summarize,
+    describe=describe,
     runtime_of=runtime_of,
     devices_of=lambda cfg: cfg.num_processes,
     flags=(Flag("--steps", "steps", "optimiser steps", int),),
