@@ -299,7 +299,26 @@ class SampleConfig(_Frozen):
         return self
 
 
-class ScoreConfig(_Frozen):
+class _ScoredWithReward(_Frozen):
+    """Checks shared by sections that score with `metrics` and weigh them with `reward` (score, evaluate)."""
+
+    @field_validator("metrics", check_fields=False)
+    @classmethod
+    def _known_metrics(cls, value):
+        return _check_metrics(value)
+
+    @field_validator("device", check_fields=False)
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _check_device(value)
+
+    @model_validator(mode="after")
+    def _weights_name_metrics(self):
+        check_metric_weights(self.reward.metric_weights, self.metrics)
+        return self
+
+
+class ScoreConfig(_ScoredWithReward):
     """IQA metrics per candidate (raw columns) and the hybrid reward computed from them."""
 
     metrics: str | tuple[str, ...] = Field(
@@ -310,21 +329,6 @@ class ScoreConfig(_Frozen):
     )
     reward: RewardConfig = Field(RewardConfig())
     device: str = runtime(default="auto", description="auto = cuda if available else cpu")
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, value):
-        return _check_metrics(value)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return _check_device(value)
-
-    @model_validator(mode="after")
-    def _weights_name_metrics(self):
-        check_metric_weights(self.reward.metric_weights, self.metrics)
-        return self
 
 
 class PairsConfig(_Frozen):
@@ -392,7 +396,7 @@ class TrainConfig(_Frozen):
         return self
 
 
-class EvaluateConfig(_Frozen):
+class EvaluateConfig(_ScoredWithReward):
     """M candidates per held-out input from the base and the tuned model, scored, Best/Mean/Worst@M side by side."""
 
     num_candidates: int = Field(8, ge=1, description="M, candidates per held-out input and model")
@@ -408,21 +412,6 @@ class EvaluateConfig(_Frozen):
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the t-intervals in the summary")
     batch_size: int = runtime(default=8, ge=1, description="(LR, seed) rows per denoising batch")
     device: str = runtime(default="auto", description="scoring device; auto = cuda if available else cpu")
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, value):
-        return _check_metrics(value)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return _check_device(value)
-
-    @model_validator(mode="after")
-    def _weights_name_metrics(self):
-        check_metric_weights(self.reward.metric_weights, self.metrics)
-        return self
 
 
 class RayConfig(_Frozen):
