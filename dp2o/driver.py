@@ -27,6 +27,7 @@ from dp2o import registry
 from dp2o.config import PipelineConfig, canonical
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan, pending_shards
+from dp2o.progress import ProgressLog
 from dp2o.storage import MANIFEST, commit_shard, now_iso, read_marker, reclaim_scratch
 
 log = logging.getLogger("dp2o")
@@ -58,36 +59,6 @@ class StageResult:
             "stats": m.get("stats"),
             "finished": bool(m),  # False: a partition whose other shards are still being computed elsewhere
         }
-
-
-class ProgressLog:
-    """`<stage>: k/n shards, rows, elapsed, ETA` on the `dp2o` logger: at the first and last shard and at most
-    every `every` seconds in between, so long stages are never silent and logs never flood."""
-
-    def __init__(self, stage: str, total: int, every: float = 10.0):
-        self.stage, self.total, self.every = stage, total, every
-        self.done = self.rows = 0
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, marker: Any = None) -> None:
-        self.done += 1
-        if isinstance(marker, dict):
-            self.rows += marker.get("rows", 0)
-        now = time.monotonic()
-        if self.done not in (1, self.total) and now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        log.info(
-            "%s: %d/%d shards, %d rows, %.0f s elapsed, ETA %.0f s",
-            self.stage,
-            self.done,
-            self.total,
-            self.rows,
-            elapsed,
-            eta,
-        )
 
 
 def map_locally(fn: Callable[..., Any], calls: Sequence[tuple], concurrency: int) -> list:

@@ -32,8 +32,8 @@ from typing import Any
 
 from dp2o import registry
 from dp2o.config import RayConfig
-from dp2o.driver import ProgressLog
 from dp2o.errors import Dp2oError, StageError
+from dp2o.progress import ProgressLog
 
 log = logging.getLogger("dp2o")
 

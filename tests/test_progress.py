@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 
-from dp2o.driver import ProgressLog, map_locally
+from dp2o.driver import map_locally
 from dp2o.plan import ShardSpec, StagePlan
+from dp2o.progress import ProgressLog
 
 
 def _lines(caplog) -> list[str]:

@@ -37,7 +37,7 @@ from dp2o.config import TrainConfig, canonical
 from dp2o.models.base import Backend, NoisedBatch
 from dp2o.seeding import derive_seed, numpy_rng, torch_generator
 from dp2o.storage import Storage
-from dp2o.train.distributed import (
+from dp2o.train.collective import (
     barrier,
     broadcast_object,
     broadcast_parameters,
