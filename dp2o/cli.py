@@ -549,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     # bitsandbytes (pulled in by peft/diffusers) warns about optional CPU kernels on every import; not ours to fix
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    _log_to_terminal()
+    logging.getLogger("dp2o").setLevel(logging.INFO)
+    if getattr(args, "orchestrator", "local") != "prefect":
+        _log_to_terminal()  # under Prefect, its handlers print (and upload) the `dp2o` logger's lines
     try:
         if args.command == "inspect":
             _inspect(args.target, args.rows, _storage_options(args.storage_options))
@@ -604,7 +606,6 @@ def _log_to_terminal() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

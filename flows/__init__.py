@@ -11,6 +11,8 @@ import os
 #: seconds Prefect's temporary (no-server) API may take to start; Prefect's own default is 20
 STARTUP_TIMEOUT_SECONDS = 150
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_TIMEOUT_SECONDS))
+# dp2o's progress lines (logger `dp2o`) go to Prefect's run logs and the UI, formatted like Prefect's own
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dp2o")
 
 import httpx  # noqa: E402
 
