@@ -16,7 +16,9 @@ from dp2o.driver import StageResult, run_pipeline
 from dp2o.storage import MANIFEST, Storage
 
 REPO = Path(__file__).resolve().parents[1]
-#: `python -m scripts.pin_outputs runs/demo` on the pre-registry code (commit 3ad15d5), `make demo` config
+#: `python -m scripts.pin_outputs runs/demo` on the pre-registry code (commit 3ad15d5), `make demo` config; one
+#: entry changed since on purpose: model/unet/config.json no longer records the folder the base model was
+#: loaded from (`_name_or_path`, a path inside the clone), so every clone writes the same bytes
 BEFORE = REPO / "tests" / "data" / "demo_outputs_before_registry.json"
 
 

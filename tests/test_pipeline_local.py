@@ -45,6 +45,8 @@ def test_every_stage_writes_its_contract(finished):
     train_dir = Path(results["train"].url)
     assert (train_dir / "data" / "metrics.parquet").exists()
     assert any((train_dir / "model").iterdir())
+    for config in (train_dir / "model").rglob("config.json"):  # no path of this machine in the outputs
+        assert "_name_or_path" not in config.read_text()
     metrics = pq.read_table(train_dir / "data" / "metrics.parquet")
     assert metrics["step"].to_pylist() == [1, 2, 3]
     text = summary(results)

@@ -76,12 +76,25 @@ def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutp
     result, mdir = trained.result, trained.model_dir
     files = {}
     for f in sorted(mdir.rglob("*")):
+        if f.name == "config.json":
+            _drop_source_path(f)
         if f.is_file():
             files[f"model/{f.relative_to(mdir).as_posix()}"] = str(f)
     mp = tmp / "metrics.parquet"
     write_parquet(result.metrics, mp)
     files["data/metrics.parquet"] = str(mp)
     return [ShardOutput("train", files, rows=result.metrics.num_rows, stats=result.stats)]
+
+
+def _drop_source_path(config_json: Path) -> None:
+    """diffusers records where a model was loaded from (`_name_or_path`: a folder of this machine, e.g. the
+    bundled weights inside this clone); the tuned model's files must not depend on where the base was loaded
+    from (its lineage is in the manifest), so every clone writes the same bytes."""
+    import json
+
+    data = json.loads(config_json.read_text(encoding="utf-8"))
+    if data.pop("_name_or_path", None) is not None:
+        config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def summarize(m: dict) -> list[str]:
