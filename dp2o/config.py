@@ -458,7 +458,7 @@ class RayConfig(_Frozen):
 class PipelineConfig(_Frozen):
     """The whole chain. `root` is a local folder or any fsspec URL (s3://bucket/prefix)."""
 
-    root: str = Field("runs/demo", description="run root; every stage writes <root>/<stage>/<fingerprint>/")
+    root: str = Field("runs/demo", description="run root; every stage writes ROOT/STAGE/FINGERPRINT/")
     storage_options: dict[str, Any] = runtime(
         default={},
         description="fsspec options (endpoint_url, region, anon, ...); never credentials: they come from the "

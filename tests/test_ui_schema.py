@@ -116,6 +116,31 @@ def test_every_config_field_has_a_default_in_the_schema():
     assert not missing, missing
 
 
+def _descriptions(node, path=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "description" and isinstance(v, str):
+                yield path, v
+            else:
+                yield from _descriptions(v, f"{path}/{k}")
+    elif isinstance(node, list):
+        for v in node:
+            yield from _descriptions(v, path)
+
+
+def test_no_description_holds_text_the_ui_form_would_eat():
+    """The form renders descriptions as HTML: `<root>/<stage>` became "///" (seen in a real browser)."""
+    import re
+
+    tag = re.compile(r"<[A-Za-z/!][^>]*>")
+    bad = []
+    for dep in definitions()["deployments"]:
+        for path, text in _descriptions(_schema(dep["entrypoint"])):
+            if tag.search(text):
+                bad.append(f"{dep['entrypoint']}{path}: {text!r}")
+    assert not bad, bad
+
+
 def test_until_and_executor_are_enums():
     props = _schema("flows/pipeline.py:pipeline")["properties"]
     until = _resolve(props["until"], {})
