@@ -524,9 +524,22 @@ def _print_manifest(run) -> None:
 def _inspect_parquet(s, rows: int) -> None:
     import pyarrow.parquet as pq
 
+    from dp2o.schemas import column_docs
+
     with s.fs.open(s.path, "rb") as f:
         table = pq.read_table(f)
-    print(table.schema)
+    meta = table.schema.metadata or {}
+    stage = meta.get(b"dp2o.stage", b"?").decode()
+    print(
+        f"{s.url}: written by stage {stage} (schema version {meta.get(b'dp2o.schema_version', b'?').decode()})"
+    )
+    docs = column_docs(table.schema)
+    width = max((len(f.name) for f in table.schema), default=0)
+    for f in table.schema:
+        d = docs.get(f.name, {})
+        unit = f" [{d['unit']}]" if d.get("unit") else ""
+        better = f" ({d['better']} is better)" if d.get("better") else ""
+        print(f"  {f.name:<{width}}  {str(f.type):<8} {d.get('description', '')}{unit}{better}")
     print(f"\n{table.num_rows} rows; first {min(rows, table.num_rows)}:")
     import pandas as pd
 

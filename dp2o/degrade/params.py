@@ -273,3 +273,45 @@ __all__ = [
     "sample_params",
     "validate_params",
 ]
+
+
+#: (description, unit) of each kernel and round field, for the Parquet column docs
+_KERNEL_DOCS = {
+    "kind": ("kernel type (iso, aniso, generalized_*, plateau_*, or sinc); null = none", ""),
+    "size": ("kernel side", "px"),
+    "sigma_x": ("Gaussian-family kernel's sigma along its first axis", "px"),
+    "sigma_y": ("Gaussian-family kernel's sigma along its second axis", "px"),
+    "theta": ("kernel rotation", "rad"),
+    "beta": ("shape exponent of a generalized or plateau kernel", ""),
+    "omega": ("sinc kernel's cutoff frequency", "rad"),
+}
+_ROUND_DOCS = {
+    "resize": ("up, down or keep", ""),
+    "resize_scale": ("resize factor (relative to the round's input or the LR size, per the config)", ""),
+    "resize_mode": ("interpolation of the resize (area, bilinear, bicubic)", ""),
+    "noise": ("noise kind: gaussian or poisson", ""),
+    "noise_sigma": ("Gaussian noise standard deviation, on the 0-255 scale; null for Poisson", "/255"),
+    "poisson_scale": ("Poisson noise scale; null for Gaussian", ""),
+    "noise_gray": ("the noise is the same on all channels", ""),
+    "noise_seed": ("seed of the noise draw", ""),
+    "jpeg_quality": ("JPEG quality of the round's compression", "JPEG quality 0-100"),
+}
+_FINAL_DOCS = {
+    "second_order": ("the second round was applied", ""),
+    "final_resize_mode": ("interpolation of the resize to the LR size", ""),
+    "final_jpeg_last": ("the last JPEG came after (true) or before (false) the final resize + sinc", ""),
+}
+
+
+def params_column_docs() -> dict[str, tuple[str, str]]:
+    """{column of `params_arrow_fields()`: (description, unit)}, every column documented."""
+    docs: dict[str, tuple[str, str]] = {}
+    for prefix, what in (("r1_", "first round"), ("r2_", "second round (null when skipped)")):
+        for n, (d, u) in _KERNEL_DOCS.items():
+            docs[f"{prefix}blur_{n}"] = (f"{what}, blur: {d}", u)
+        for n, (d, u) in _ROUND_DOCS.items():
+            docs[prefix + n] = (f"{what}: {d}", u)
+    for n, (d, u) in _KERNEL_DOCS.items():
+        docs[f"final_sinc_{n}"] = (f"final sinc filter (null when not applied): {d}", u)
+    docs.update(_FINAL_DOCS)
+    return {name: docs[name] for name in _ROW_TYPES}

@@ -22,7 +22,7 @@ from dp2o.data import BUNDLED_SCHEME, is_bundled
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan, listing_hash, out_url
 from dp2o.registry import Flag, Input, Stage
-from dp2o.schemas import stage_metadata
+from dp2o.schemas import Column, documented_schema
 from dp2o.seeding import derive_seed
 from dp2o.storage import ShardOutput, shard_name
 
@@ -43,8 +43,18 @@ def source_listing(input_url: str, sources) -> str:
     return listing_hash(f"{s.uri}|{s.member or ''}" for s in sources)
 
 
+#: docs of the degrade table's own columns (the degradation parameters' come from `params_column_docs`)
+COLUMNS = {
+    "crop_x": Column("left edge of the HR crop in the source photo", "px"),
+    "crop_y": Column("top edge of the HR crop in the source photo", "px"),
+    "scale": Column("HR/LR size ratio of this pair", ""),
+}
+
+
 def degrade_schema() -> pa.Schema:
-    from dp2o.degrade.params import params_arrow_fields
+    from dp2o.degrade.params import params_arrow_fields, params_column_docs
+
+    columns = {**COLUMNS, **{n: Column(d, u) for n, (d, u) in params_column_docs().items()}}
 
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -57,7 +67,7 @@ def degrade_schema() -> pa.Schema:
         pa.field("error", pa.string()),
         *params_arrow_fields(),
     ]
-    return pa.schema(fields, metadata=stage_metadata("degrade"))
+    return documented_schema("degrade", fields, columns)
 
 
 def degrade_error_row(sample_id: str, source: str, scale: int, error: str) -> dict:

@@ -275,7 +275,16 @@ def evaluate_model(
 def candidates_schema(metric_names: Sequence[str]):
     import pyarrow as pa
 
-    return pa.schema(
+    from dp2o.reward.registry import column_doc
+    from dp2o.schemas import Column, documented_schema
+
+    columns = {
+        "model": Column("which model made the candidate: base or tuned"),
+        "has_hr": Column("the held-out input has an HR image (full-reference metrics were computed)"),
+        **{n: column_doc(n) for n in metric_names},
+    }
+    return documented_schema(
+        "evaluate",
         [
             pa.field("model", pa.string()),
             pa.field("sample_id", pa.string()),
@@ -287,7 +296,8 @@ def candidates_schema(metric_names: Sequence[str]):
             pa.field("error", pa.string()),
             *[pa.field(n, pa.float64()) for n in metric_names],
             pa.field("reward", pa.float64()),
-        ]
+        ],
+        columns,
     )
 
 

@@ -8,10 +8,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from dp2o.schemas import Column, documented_schema
+
 #: the @M statistics, in table order
 AT_M = ("best", "mean", "worst")
 #: name of a difference row in the summary: `<model>-<baseline>`, e.g. `tuned-base`
 BASELINE = "base"
+
+
+#: docs of summary.parquet: one row per (model or difference, statistic, Best/Mean/Worst@M)
+SUMMARY_COLUMNS = {
+    "model": Column("base, tuned, or a paired difference such as tuned-base"),
+    "statistic": Column("what is summarised: reward or one raw metric"),
+    "higher_better": Column("a higher value of the statistic is better"),
+    "at_m": Column("Best@M, Mean@M or Worst@M: max, mean or min over the M candidates of an input"),
+    "inputs": Column("held-out inputs the value averages over"),
+    "value": Column("mean over inputs of the per-input at_m value"),
+    "lo": Column("lower end of the t-interval over inputs"),
+    "hi": Column("upper end of the t-interval over inputs"),
+    "sources": Column("distinct source photos the inputs come from"),
+    "value_by_source": Column("mean over photos of the per-photo mean (the photo as the unit)"),
+    "lo_by_source": Column("lower end of the t-interval over photos"),
+    "hi_by_source": Column("upper end of the t-interval over photos"),
+}
 
 
 def _per_input(table, statistic: str, higher_better: bool, model_col: str, model: str) -> dict:
@@ -101,7 +120,8 @@ def at_m_summary(
             if rows:
                 for rec in _interval_row(rows, confidence):
                     records.append({"model": label, "statistic": stat, "higher_better": higher, **rec})
-    schema = pa.schema(
+    schema = documented_schema(
+        "evaluate",
         [
             ("model", pa.string()),
             ("statistic", pa.string()),
@@ -115,7 +135,8 @@ def at_m_summary(
             ("value_by_source", pa.float64()),
             ("lo_by_source", pa.float64()),
             ("hi_by_source", pa.float64()),
-        ]
+        ],
+        SUMMARY_COLUMNS,
     )
     return pa.Table.from_pylist(records, schema=schema)
 

@@ -24,9 +24,24 @@ from dp2o.plan import (
     read_stage_table,
 )
 from dp2o.registry import Flag, Input, Stage
+from dp2o.schemas import Column, documented
 from dp2o.storage import ShardOutput, Storage, shard_name, write_parquet
 
 SCORE_COLUMNS = ["sample_id", "candidate", "reward"]
+
+
+#: docs of the pairs table's columns (one row per preference pair; METHOD.md gives the weights' formulas)
+COLUMNS = {
+    "win": Column("candidate index of the winner: among the top N rewards of its input"),
+    "lose": Column("candidate index of the loser: among the bottom N rewards of its input"),
+    "reward_win": Column("the winner's reward", "", "higher"),
+    "reward_lose": Column("the loser's reward", "", "higher"),
+    "w_intra": Column("intra-group weight: this pair's reward gap + 1 - the mean gap of its input (1: uniform)"),
+    "w_inter": Column("inter-group weight: its input's reward std + 1 - the mean std over inputs (1: uniform)"),
+    "weight": Column("the pair's weight in the DPO loss: w_intra * w_inter"),
+    "group_sigma": Column("standard deviation of the rewards of this input's candidates"),
+    "group_m": Column("valid (finite-reward) candidates of this input"),
+}
 
 
 def plan(cfg: PairsConfig, inputs, out, *, root, storage_options, runtime) -> StagePlan:
@@ -145,7 +160,7 @@ def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutp
     )
     name = todo[0].name
     p = tmp / f"{name}.parquet"
-    write_parquet(table, p)
+    write_parquet(documented(table, "pairs", COLUMNS), p)
     st = {k: _json_number(v) for k, v in stats.to_dict().items()}
     return [ShardOutput(name, {f"data/{name}.parquet": str(p)}, rows=table.num_rows, stats=st)]
 

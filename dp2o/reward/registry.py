@@ -344,3 +344,26 @@ def missing_weights_message(missing: dict[str, list[str]]) -> str:
         "or choose metrics that need no weights (preset 'offline').",
     ]
     return "\n".join(lines)
+
+
+#: units of the raw scores that have one (the others are dimensionless scores)
+_UNITS = {"psnr": "dB", "psnry": "dB", "entropy": "bits"}
+
+
+def column_doc(name: str):
+    """The Parquet column doc (`dp2o.schemas.Column`) of a metric's raw score column: what it is, its unit,
+    which direction is better and its nominal range; a name not in the registry gets a generic doc."""
+    from dp2o.schemas import Column
+
+    spec = METRICS.get(name)
+    if spec is None:
+        return Column(f"raw score of metric {name}")
+    role = "full-reference: fidelity to the HR crop" if spec.kind == "FR" else "no-reference: realism of the output"
+    lo, hi = spec.score_range
+    rng = f"nominal range [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    note = spec.note or spec.pyiqa_name
+    return Column(
+        f"raw {spec.pyiqa_name} score, pyiqa ({note}; {role}; {rng})",
+        _UNITS.get(name, ""),
+        "lower" if spec.lower_better else "higher",
+    )

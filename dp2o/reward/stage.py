@@ -12,6 +12,7 @@ from pathlib import Path
 from dp2o.config import ScoreConfig, canonical, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Input, Stage
+from dp2o.schemas import documented
 from dp2o.storage import ShardOutput, read_parquet, write_parquet
 
 
@@ -54,7 +55,7 @@ def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutp
     plan.out.write_json_atomic({"bounds": bounds, "reward": canonical(cfg.reward)}, "normalization.json")
     outputs = []
     for s in todo:
-        part = full.filter(pc.equal(full["_shard"], s.index)).drop_columns(["_shard"])
+        part = documented(full.filter(pc.equal(full["_shard"], s.index)).drop_columns(["_shard"]), "reward")
         p = tmp / f"{s.name}.parquet"
         write_parquet(part, p)
         r = part["reward"].to_numpy()

@@ -16,7 +16,7 @@ import pyarrow as pa
 from dp2o.config import SampleConfig, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Flag, Input, Stage
-from dp2o.schemas import stage_metadata
+from dp2o.schemas import Column, documented_schema
 from dp2o.seeding import derive_seed
 from dp2o.storage import ShardOutput, local_copy, read_parquet
 
@@ -61,8 +61,17 @@ def sample_lr_batch(backend, lr_images, jobs, prompts=None):
     return to_uint8_hwc(torch.nan_to_num(out)), finite
 
 
+#: docs of the sample table's own columns
+COLUMNS = {
+    "backend": Column("the generator that made the candidate (backend name)"),
+    "height": Column("height of the candidate SR image", "px"),
+    "width": Column("width of the candidate SR image", "px"),
+}
+
+
 def sample_schema() -> pa.Schema:
-    return pa.schema(
+    return documented_schema(
+        "sample",
         [
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("candidate", pa.int32()),
@@ -73,7 +82,7 @@ def sample_schema() -> pa.Schema:
             pa.field("status", pa.string()),
             pa.field("error", pa.string()),
         ],
-        metadata=stage_metadata("sample"),
+        COLUMNS,
     )
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 from dp2o.config import ScoreConfig, canonical, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Flag, Input, Stage
-from dp2o.schemas import stage_metadata
+from dp2o.schemas import documented_schema
 from dp2o.storage import ShardOutput, local_copy, read_parquet, write_parquet
 
 
@@ -63,7 +63,10 @@ def score_part(cfg: ScoreConfig) -> dict:
 
 
 def score_schema(metric_names: list[str]) -> pa.Schema:
-    return pa.schema(
+    from dp2o.reward.registry import column_doc
+
+    return documented_schema(
+        "score",
         [
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("candidate", pa.int32()),
@@ -72,7 +75,7 @@ def score_schema(metric_names: list[str]) -> pa.Schema:
             pa.field("error", pa.string()),
             *[pa.field(m, pa.float64()) for m in metric_names],
         ],
-        metadata=stage_metadata("score"),
+        {m: column_doc(m) for m in metric_names},
     )
 
 

@@ -17,7 +17,23 @@ from dp2o.config import TrainConfig, fingerprint, runtime_fields
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url, read_manifest, read_stage_table
 from dp2o.registry import Flag, Input, Stage
+from dp2o.schemas import Column, documented
 from dp2o.storage import ShardOutput, write_parquet
+
+#: docs of the train metrics table (one row per optimiser step; dp2o.train.losses.dpo_loss defines them)
+COLUMNS = {
+    "step": Column("optimiser step, from 1"),
+    "loss": Column("weighted Diffusion-DPO loss of the step (ln 2 = 0.693 while policy = reference)", "nats", "lower"),
+    "implicit_acc": Column("fraction of the step's pairs with a positive implicit reward margin (0.5 = chance)", "", "higher"),
+    "lr": Column("learning rate used at this step"),
+    "err_w": Column("policy's denoising error on the winners (MSE, mean over pairs)"),
+    "err_l": Column("policy's denoising error on the losers (MSE, mean over pairs)"),
+    "err_ref_w": Column("frozen reference's denoising error on the winners (same noise and timestep)"),
+    "err_ref_l": Column("frozen reference's denoising error on the losers (same noise and timestep)"),
+    "reward_margin": Column("mean implicit reward margin -(beta/2) * ((err_w - err_ref_w) - (err_l - err_ref_l))", "", "higher"),
+    "weight": Column("mean pair weight of the step"),
+    "grad_norm": Column("L2 norm of the gradient before clipping"),
+}
 
 
 def runtime_of(cfg) -> dict:
@@ -81,7 +97,7 @@ def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutp
         if f.is_file():
             files[f"model/{f.relative_to(mdir).as_posix()}"] = str(f)
     mp = tmp / "metrics.parquet"
-    write_parquet(result.metrics, mp)
+    write_parquet(documented(result.metrics, "train", COLUMNS), mp)
     files["data/metrics.parquet"] = str(mp)
     return [ShardOutput("train", files, rows=result.metrics.num_rows, stats=result.stats)]
 
