@@ -11,9 +11,10 @@ A stage's optional `Stage.describe(manifest, url, storage)` returns a list of di
 per stage folder. Everything here is plain Python data built from the stage's files, so `dp2o` stays free of
 any orchestrator; the helpers below are shared by the stages' `describe` functions.
 
-The design choice a reader would miss: charts are text (a markdown table of sampled points plus a unicode
-sparkline), not images: they render in any markdown viewer, offline, whatever storage the run used, and
-survive a UI's markdown sanitiser, which strips inline SVG and data-URI images.
+Pictures are SVG charts (`dp2o.charts`) embedded as data-URI images in markdown descriptions: Prefect's UI
+renders them (checked in a real browser by tests/test_ui_browser.py), they need no file server, and they work
+offline and whatever storage (local, S3) the run used. Text forms (tables, a unicode sparkline) stay beside them
+for plain markdown viewers and logs.
 """
 
 from __future__ import annotations

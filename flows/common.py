@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 from prefect.futures import as_completed
 
-from dp2o import driver
+from dp2o import driver, stopping
 from dp2o.config import RayConfig
 from dp2o.driver import StageResult
 from dp2o.plan import StagePlan
+from dp2o.progress import ProgressLog
 from flows.artifacts import Progress, publish_stage, tracked
 from tasks import finalize_task, run_all_task, run_shard_task
 
@@ -23,6 +24,7 @@ def map_tasks(fn, calls, concurrency, on_result: Callable[[Any], None] | None = 
     flow's task runner, decides how many shards run at once). `on_result(result)` is called as each task
     completes, in completion order; the results come back in the order of `calls`."""
     task = _TASKS[fn]
+    progress = ProgressLog(calls[0][0].stage, len(calls)) if calls else None
     results: list[Any] = [None] * len(calls)
     index: dict[Any, int] = {}
 
@@ -33,11 +35,13 @@ def map_tasks(fn, calls, concurrency, on_result: Callable[[Any], None] | None = 
             future = next(done)
             done.close()
             results[index.pop(future)] = r = future.result()
+            progress.update(r)
             if on_result is not None:
                 on_result(r)
 
     for i, args in enumerate(calls):
         collect(max(0, concurrency - 1))
+        stopping.check()  # no new shard task after a stop request
         index[task.submit(*args)] = i
     collect(0)
     return results

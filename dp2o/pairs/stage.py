@@ -36,8 +36,12 @@ COLUMNS = {
     "lose": Column("candidate index of the loser: among the bottom N rewards of its input"),
     "reward_win": Column("the winner's reward", "", "higher"),
     "reward_lose": Column("the loser's reward", "", "higher"),
-    "w_intra": Column("intra-group weight: this pair's reward gap + 1 - the mean gap of its input (1: uniform)"),
-    "w_inter": Column("inter-group weight: its input's reward std + 1 - the mean std over inputs (1: uniform)"),
+    "w_intra": Column(
+        "intra-group weight: this pair's reward gap + 1 - the mean gap of its input (1: uniform)"
+    ),
+    "w_inter": Column(
+        "inter-group weight: its input's reward std + 1 - the mean std over inputs (1: uniform)"
+    ),
     "weight": Column("the pair's weight in the DPO loss: w_intra * w_inter"),
     "group_sigma": Column("standard deviation of the rewards of this input's candidates"),
     "group_m": Column("valid (finite-reward) candidates of this input"),
@@ -190,6 +194,7 @@ PAIR_COUNTS = (
 
 def describe(manifest: dict, url: str, storage) -> list[dict]:
     """Counts (groups used, skipped and why) and the distribution of the pair weights."""
+    from dp2o import charts
     from dp2o import describe as d
 
     st = manifest.get("stats", {})
@@ -207,6 +212,12 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
                 d.histogram(w),
                 f"pair weights ({manifest.get('config', {}).get('weighting', '?')}): {s['count']} pairs, "
                 f"min {s['min']}, mean {s['mean']}, max {s['max']}",
+            )
+        )
+        picture = charts.histogram_svg("pair weights", w)
+        out.append(
+            d.markdown(
+                "pairs-picture", charts.markdown_image("pair weights", picture), "pair weight histogram"
             )
         )
     return out

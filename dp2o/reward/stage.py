@@ -83,6 +83,7 @@ def summarize(m: dict) -> list[str]:
 def describe(manifest: dict, url: str, storage) -> list[dict]:
     """The reward distribution (a small histogram) and, per metric, its direction, raw range and correlation
     with the reward."""
+    from dp2o import charts
     from dp2o import describe as d
     from dp2o.plan import read_stage_table
     from dp2o.score.stage import metric_summary, scored_metric_names
@@ -92,7 +93,21 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
         return []
     reward = t["reward"].to_pylist()
     st = d.summary(reward)
+    names = scored_metric_names(manifest, t)
+    pictures = [charts.markdown_image("reward", charts.histogram_svg("hybrid reward", reward))] + [
+        charts.markdown_image(n, charts.histogram_svg(f"{n} (raw)", t[n].to_pylist(), width=240, height=150))
+        for n in names
+        if n in t.column_names
+    ]
     return [
+        d.markdown(
+            "reward-pictures",
+            f"## Reward of {st['count']} candidates\n\n"
+            + " ".join(pictures[:1])
+            + "\n\n### Raw metrics\n\n"
+            + " ".join(pictures[1:]),
+            "histograms of the hybrid reward and of each raw metric",
+        ),
         d.table(
             "reward-histogram",
             d.histogram(reward),
@@ -100,7 +115,7 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
         ),
         d.table(
             "reward-metrics",
-            metric_summary(t, scored_metric_names(manifest, t), reward),
+            metric_summary(t, names, reward),
             "per metric: direction, raw range and Pearson correlation of the raw score with the reward",
         ),
     ]

@@ -23,14 +23,20 @@ from dp2o.storage import ShardOutput, write_parquet
 #: docs of the train metrics table (one row per optimiser step; dp2o.train.losses.dpo_loss defines them)
 COLUMNS = {
     "step": Column("optimiser step, from 1"),
-    "loss": Column("weighted Diffusion-DPO loss of the step (ln 2 = 0.693 while policy = reference)", "nats", "lower"),
-    "implicit_acc": Column("fraction of the step's pairs with a positive implicit reward margin (0.5 = chance)", "", "higher"),
+    "loss": Column(
+        "weighted Diffusion-DPO loss of the step (ln 2 = 0.693 while policy = reference)", "nats", "lower"
+    ),
+    "implicit_acc": Column(
+        "fraction of the step's pairs with a positive implicit reward margin (0.5 = chance)", "", "higher"
+    ),
     "lr": Column("learning rate used at this step"),
     "err_w": Column("policy's denoising error on the winners (MSE, mean over pairs)"),
     "err_l": Column("policy's denoising error on the losers (MSE, mean over pairs)"),
     "err_ref_w": Column("frozen reference's denoising error on the winners (same noise and timestep)"),
     "err_ref_l": Column("frozen reference's denoising error on the losers (same noise and timestep)"),
-    "reward_margin": Column("mean implicit reward margin -(beta/2) * ((err_w - err_ref_w) - (err_l - err_ref_l))", "", "higher"),
+    "reward_margin": Column(
+        "mean implicit reward margin -(beta/2) * ((err_w - err_ref_w) - (err_l - err_ref_l))", "", "higher"
+    ),
     "weight": Column("mean pair weight of the step"),
     "grad_norm": Column("L2 norm of the gradient before clipping"),
 }
@@ -125,7 +131,11 @@ def summarize(m: dict) -> list[str]:
 
 
 def describe(manifest: dict, url: str, storage) -> list[dict]:
-    """Loss and implicit accuracy over the steps (sparklines plus a table of sampled steps) and the model."""
+    """Loss and implicit accuracy over the steps (pictures, sparklines and a table of sampled steps) and the
+    model."""
+    import math
+
+    from dp2o import charts
     from dp2o import describe as d
     from dp2o.storage import read_parquet
 
@@ -143,6 +153,9 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
         }
         for i in d.sample_indices(len(rows), 20)
     ]
+    steps = [r.get("step") for r in rows]
+    loss_svg = charts.line_svg("DPO loss", steps, [("loss", loss)], reference=("ln 2", math.log(2)))
+    acc_svg = charts.line_svg("implicit accuracy", steps, [("implicit acc", acc)], reference=("chance", 0.5))
     text = "\n".join(
         [
             f"## Diffusion-DPO training: {len(rows)} logged step(s) of {st.get('steps')}",
@@ -153,6 +166,10 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
             f"(min {ls['min']}, max {ls['max']})",
             f"- implicit accuracy: final {d.rounded(st.get('final_implicit_acc'))} "
             f"(min {acs['min']}, max {acs['max']})",
+            "",
+            charts.markdown_image("loss over steps", loss_svg)
+            + " "
+            + charts.markdown_image("accuracy", acc_svg),
             "",
             "```",
             f"loss          {d.sparkline(loss)}",
