@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "report",
+        help="a self-contained HTML page of a run root: stages, sampled inputs with their candidates and pairs, "
+        "reward histograms, the loss curve, evaluation results",
+    )
+    p.add_argument("root", metavar="RUN_ROOT", help="run root (local folder or URL), e.g. runs/demo")
+    p.add_argument("--out", help="HTML file to write (local path or URL; default <RUN_ROOT>/report.html)")
+    p.add_argument("--inputs", type=_positive_int, default=8, metavar="K", help="inputs to show (default 8)")
+    p.add_argument("--evaluate", metavar="DIR", help="a finished evaluate stage folder outside the run root")
+    p.add_argument(
+        "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE"
+    )
+
+    p = sub.add_parser(
         "prefetch-metrics",
         help="download the IQA weights of a preset or metrics into the local caches (run where there is internet)",
     )
@@ -160,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE"
     )
     return ap
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return n
 
 
 def _storage_options(items: list[str]) -> dict:
@@ -570,6 +590,15 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args.target, args.rows, _storage_options(args.storage_options))
         elif args.command == "verify":
             return _verify(args)
+        elif args.command == "report":
+            from dp2o.report import write_report
+
+            so = _storage_options(args.storage_options)
+            print(
+                write_report(
+                    args.root, args.out, inputs=args.inputs, storage_options=so, evaluate=args.evaluate
+                )
+            )
         elif args.command == "plan":
             from dp2o import estimate
 
