@@ -96,8 +96,9 @@ class ProgressLog(_Tracker):
         super().__init__(stage, total, "shards", every, leave=True)
 
     def update(self, marker: Any = None) -> None:
-        if isinstance(marker, dict):
-            self.rows += marker.get("rows", 0) or 0
+        for m in marker if isinstance(marker, list) else [marker]:  # a whole-dataset body returns a list
+            if isinstance(m, dict):
+                self.rows += m.get("rows", 0) or 0
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.rows} rows", refresh=False)
         self.advance(1)

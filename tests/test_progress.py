@@ -41,3 +41,10 @@ def test_the_local_executor_reports_progress(caplog):
     out = map_locally(lambda plan, spec: {"rows": 2}, [(plan, ShardSpec(i, f"s{i}")) for i in range(3)], 2)
     assert out == [{"rows": 2}] * 3
     assert any(line.startswith("degrade: 3/3 shards, 6 rows") for line in _lines(caplog))
+
+
+def test_whole_dataset_results_count_their_rows(caplog):
+    caplog.set_level(logging.INFO, logger="dp2o")
+    p = ProgressLog("pairs", 1)
+    p.update([{"rows": 5}, {"rows": 7}])  # run_all returns one marker per output shard
+    assert _lines(caplog)[-1].startswith("pairs: 1/1 shards, 12 rows")
