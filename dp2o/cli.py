@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dp2o import registry
+from dp2o import registry, stopping
 from dp2o.config import (
     ConfigError,
     PipelineConfig,
@@ -617,12 +617,23 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             if args.config is None:
                 args.config = str(DEMO_CONFIG)
-            _run_pipeline(_pipeline_config(args), args.orchestrator, root_flag=_root_flag(args))
+            with stopping.on_signals():  # SIGTERM, Ctrl-C: stop at the next batch, keep committed shards
+                _run_pipeline(_pipeline_config(args), args.orchestrator, root_flag=_root_flag(args))
         elif args.command == "run":
-            _run_pipeline(_pipeline_config(args), args.orchestrator, args.until, root_flag=_root_flag(args))
+            with stopping.on_signals():
+                _run_pipeline(
+                    _pipeline_config(args), args.orchestrator, args.until, root_flag=_root_flag(args)
+                )
         else:
-            _stage_command(args)
+            with stopping.on_signals():
+                _stage_command(args)
         return 0
+    except stopping.Stopped as e:  # 130 (SIGINT), 143 (SIGTERM), 1 (cancelled through the Prefect API)
+        print(f"dp2o: {stopping.message(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("dp2o: interrupted at once; committed shards are kept, rerun to resume", file=sys.stderr)
+        return 130
     except Dp2oError as e:
         print(f"dp2o: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError | URLError) else 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dp2o import registry
+from dp2o import registry, stopping
 from dp2o.config import PipelineConfig, canonical
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan, pending_shards
@@ -62,10 +62,12 @@ class StageResult:
 
 
 def map_locally(fn: Callable[..., Any], calls: Sequence[tuple], concurrency: int) -> list:
-    """The local executor: a loop, or a thread pool when the stage allows concurrency."""
+    """The local executor: a loop, or a thread pool when the stage allows concurrency. After a stop request no
+    further shard starts (queued ones raise `Stopped` at once) and running ones stop at their next check."""
     progress = ProgressLog(calls[0][0].stage, len(calls)) if calls else None
 
     def call(args: tuple) -> Any:
+        stopping.check()
         result = fn(*args)
         progress.update(result)
         return result
@@ -112,6 +114,7 @@ def prepare(plan: StagePlan, pending: list[ShardSpec]) -> None:
 
 def run_shard(plan: StagePlan, spec: ShardSpec) -> dict:
     """Compute and commit one shard of a shard-wise stage; returns its marker."""
+    stopping.check()
     body = registry.get(plan.stage).run_shard
     t0 = time.perf_counter()
     out = plan.out
@@ -124,6 +127,7 @@ def run_all(plan: StagePlan, specs: list[ShardSpec]) -> list[dict]:
     """Compute and commit the pending shards of a whole-dataset stage in one call; returns their markers."""
     if not specs:
         return []
+    stopping.check()
     body = registry.get(plan.stage).run_all
     t0 = time.perf_counter()
     out = plan.out
@@ -209,6 +213,8 @@ def run_stage(
     the markers), so a pipeline can go on to the next stage; with 0 it returns without a manifest.
     """
     t0 = time.perf_counter()
+    stopping.check()
+    stopping.track(plan.stage, plan.out_url, lambda: committed_count(plan))
     pending = pending_shards(plan)
     prepare(plan, pending)
     skipped = len(plan.shards) - len(pending)
@@ -247,8 +253,13 @@ def _wait_for_others(plan: StagePlan, seconds: float, poll: float = 2.0) -> bool
     while pending_shards(plan):
         if time.monotonic() >= deadline:
             return False
-        time.sleep(poll)
+        stopping.wait(poll)
     return True
+
+
+def committed_count(plan: StagePlan) -> tuple[int, int]:
+    """(shards with a valid marker, shards planned) of a stage plan."""
+    return len(plan.shards) - len(pending_shards(plan)), len(plan.shards)
 
 
 def executor_for(cfg: PipelineConfig) -> MapShards:
@@ -328,6 +339,30 @@ def run_pipeline(
                 f"{stage.name}: other workers did not finish its shards in time; rerun this process to go on"
             )
     return results
+
+
+def run_record(results: dict[str, StageResult], wall_seconds: float | None = None) -> dict:
+    """The structured form of a pipeline run (plain JSON data, what the Prefect flow returns and persists):
+    per stage its fingerprint, folder, status, shards, rows, errors and seconds, plus `summary`'s text."""
+    stages = {}
+    for name, r in results.items():
+        m = r.manifest
+        stages[name] = {
+            "fingerprint": m.get("fingerprint") or r.url.rstrip("/").rsplit("/", 1)[-1],
+            "url": r.url,
+            "status": "finished" if m else "waiting for other partitions",
+            "shards": len(m.get("shards", [])) if m else r.computed + r.skipped,
+            "computed": r.computed,
+            "skipped": r.skipped,
+            "rows": m.get("rows"),
+            "errors": m.get("errors"),
+            "seconds": round(r.seconds, 3),
+        }
+    return {
+        "stages": stages,
+        "wall_seconds": None if wall_seconds is None else round(wall_seconds, 3),
+        "summary": summary(results, wall_seconds),
+    }
 
 
 def summary(results: dict[str, StageResult], wall_seconds: float | None = None) -> str:

@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dp2o import registry
+from dp2o import registry, stopping
 from dp2o.config import RayConfig
 from dp2o.errors import Dp2oError, StageError
 from dp2o.progress import ProgressLog
@@ -137,11 +137,12 @@ class RayExecutor:
         progress = ProgressLog(stage.name, len(calls))
         try:
             while queue or inflight:
+                stopping.check()  # a stop request: no new shard starts, and `finally` kills the running ones
                 while queue and free:
                     i, actor = queue.pop(0), free.pop()
                     attempts[i] += 1
                     inflight[actor.run.remote(stage, fn, calls[i])] = (i, actor)
-                done, _ = ray.wait(list(inflight), num_returns=1)
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in done:
                     i, actor = inflight.pop(ref)
                     try:

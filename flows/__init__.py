@@ -3,7 +3,10 @@ the end-to-end `pipeline`. All logic lives in `dp2o`; flows only plan, map tasks
 
 Importing this package gives Prefect's temporary API server more time to start (`STARTUP_TIMEOUT_SECONDS`,
 unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set): Prefect's 20 s default is missed on a busy
-node (load 10 on 2 cores), and the run then dies before doing any work.
+node (load 10 on 2 cores), and the run then dies before doing any work. It also sets flow-run heartbeats to
+every `HEARTBEAT_SECONDS` unless set, for the zombie-run automation of `flows.zombies`. `run_flow` (the CLI's
+way in) runs without PREFECT_API_URL on a temporary server of its own (`flows.server`), and turns a stopped
+run (`flows.cancel`) into `dp2o.stopping.Stopped`.
 """
 
 import os
@@ -13,6 +16,11 @@ STARTUP_TIMEOUT_SECONDS = 150
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_TIMEOUT_SECONDS))
 # dp2o's progress lines (logger `dp2o`) go to Prefect's run logs and the UI, formatted like Prefect's own
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dp2o")
+#: seconds between a flow run's heartbeat events (Prefect's minimum; its default is 180), unless set: the zombie
+#: automation (`python -m flows.zombies --apply`) marks a run Crashed once its heartbeats stop
+HEARTBEAT_SECONDS = 30
+if not {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"} & set(os.environ):
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_SECONDS)
 
 import httpx  # noqa: E402
 
@@ -21,11 +29,18 @@ from flows.stages import stage_flow  # noqa: E402
 
 
 def run_flow(flow, **parameters):
-    """Call a flow; failing to reach Prefect becomes a one-line `Dp2oError` that says what to do."""
+    """Call a flow; failing to reach Prefect becomes a one-line `Dp2oError` that says what to do, and a run
+    that stopped (a signal, a cancel from the UI) raises `dp2o.stopping.Stopped`."""
+    from prefect.exceptions import CancelledRun, TerminationSignal
+
     from dp2o.errors import Dp2oError
+    from flows.server import temporary_api
 
     try:
-        return flow(**parameters)
+        with temporary_api():  # without PREFECT_API_URL: a temporary server that a Ctrl-C does not kill
+            return flow(**parameters)
+    except (TerminationSignal, KeyboardInterrupt, CancelledRun) as e:
+        raise _stopped(e) from None
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):
             raise
@@ -43,6 +58,24 @@ def run_flow(flow, **parameters):
         ) from None
 
 
+def _stopped(e: BaseException):
+    """The `Stopped` error of a flow run that ended on a stop request (dp2o's, or else the one `e` stands for)."""
+    import signal
+
+    from dp2o import stopping
+    from flows.cancel import CANCELLED_REASON
+
+    err = stopping.stopped()
+    if err is not None:
+        return err
+    if isinstance(e, KeyboardInterrupt):
+        return stopping.Stopped("SIGINT", signal.SIGINT)
+    signum = getattr(e, "signal", None)
+    if signum is not None:
+        return stopping.Stopped(signal.Signals(signum).name, signum)
+    return stopping.Stopped(CANCELLED_REASON)
+
+
 def __getattr__(name: str):
     if name.startswith("_"):
         raise AttributeError(name)
@@ -54,4 +87,4 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'flows' has no attribute {name!r}") from None
 
 
-__all__ = ["STARTUP_TIMEOUT_SECONDS", "pipeline", "run_flow", "stage_flow"]
+__all__ = ["HEARTBEAT_SECONDS", "STARTUP_TIMEOUT_SECONDS", "pipeline", "run_flow", "stage_flow"]

@@ -10,6 +10,8 @@ a rerun adds a new version of the same keys instead of new keys):
     ...-manifest   a link to its _MANIFEST.json
     ...-<key>      each description the stage's `describe` returns
 
+The pipeline flow adds `dp2o-pipeline-<sha1(root)[:12]>-result`, its per-stage record as a table.
+
 Publishing never fails a stage: an artifact that cannot be made is logged and skipped.
 """
 
@@ -211,3 +213,17 @@ def publish_stage(plan: StagePlan, manifest: dict, fresh: list[dict] | None = No
     items = _safely(f"{plan.stage} description", stage.describe, manifest, url, plan.out) or []
     for item in items:
         _safely(item.get("key", "?"), publish_description, plan, item)
+
+
+def publish_run(root: str, record: dict) -> None:
+    """The pipeline run's record (`dp2o.driver.run_record`) as a table artifact, one row per stage, under the
+    key `dp2o-pipeline-<sha1(root)[:12]>-result` (a rerun adds a version); the summary is its description."""
+    rows = [{"stage": name, **fields} for name, fields in record["stages"].items()]
+    _safely(
+        "pipeline result",
+        create_table_artifact,
+        rows,
+        key=artifact_key("pipeline", root, "result"),
+        description=f"dp2o run of {root}: wall time {record.get('wall_seconds')} s\n\n```\n"
+        f"{record['summary'].strip()}\n```",
+    )

@@ -19,6 +19,7 @@ from prefect import Flow, flow
 from dp2o import registry
 from dp2o.config import RayConfig, apply_overrides
 from dp2o.errors import StageError
+from flows.cancel import stoppable
 from flows.common import execute_with_prefect
 
 _P = inspect.Parameter
@@ -61,14 +62,16 @@ def stage_flow(name: str) -> Flow:
             storage_options=params.get("storage_options"),
             runtime=params.get("runtime"),
         )
-        return execute_with_prefect(
-            plan,
-            workers=params.get("workers", 1),
-            executor=params.get("executor", "local"),
-            ray=params.get("ray"),
-            shard_index=params.get("shard_index"),
-            num_shards=params.get("num_shards", 1),
-        ).as_dict()
+        return stoppable(
+            lambda: execute_with_prefect(
+                plan,
+                workers=params.get("workers", 1),
+                executor=params.get("executor", "local"),
+                ray=params.get("ray"),
+                shard_index=params.get("shard_index"),
+                num_shards=params.get("num_shards", 1),
+            ).as_dict()
+        )
 
     sig = _signature(stage)
     run.__signature__ = sig

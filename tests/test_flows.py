@@ -16,13 +16,13 @@ def test_pipeline_flow_completes_and_rerun_skips(tmp_path, prefect_harness):
     cfg = tiny_pipeline_config(str(tmp_path / "run"), str(hr))
     state = pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state
-    text = state.result()
+    text = state.result()["summary"]
     assert "train" in text and "pairs" in text
     again = pipeline(config=cfg, return_state=True)
     assert again.is_completed()
     rows = {
         line.split()[0]: line.split()[3]
-        for line in again.result().splitlines()
+        for line in again.result()["summary"].splitlines()
         if line.split()
         and line.split()[0] in ("degrade", "sample", "score", "reward", "pairs", "train")
         and len(line.split()) > 4

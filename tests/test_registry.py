@@ -158,7 +158,7 @@ def test_a_registered_stage_runs_as_a_stage_flow_and_in_the_pipeline_flow(
     assert "counts" in schema["required"]
     res = flows.count(config=PairsConfig(n_top=4), out=str(tmp_path / "c"), workers=2)
     assert res["rows"] == 12
-    text = flows.pipeline(config=_cfg(tmp_path / "run"))
+    text = flows.pipeline(config=_cfg(tmp_path / "run"))["summary"]
     assert "count:   6 rows counted" in text and "tally:   6 rows tallied" in text
 
 

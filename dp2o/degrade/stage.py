@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from dp2o import stopping
 from dp2o.config import DegradeConfig, fingerprint
 from dp2o.data import BUNDLED_SCHEME, is_bundled
 from dp2o.errors import StageError
@@ -124,6 +125,7 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     rows: list[dict] = []
     jobs: list[tuple[str, Any, Any]] = []  # (sample_id, hr crop uint8 HWC, params)
     for uri, relpath, member in spec.inputs:
+        stopping.check()
         base = source_sample_id(relpath)
         ref = SourceRef(uri=uri, relpath=relpath, member=member)
         try:
@@ -155,6 +157,7 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
             )
     members: list[tuple[str, bytes]] = []
     for i in range(0, len(jobs), cfg.batch_size):
+        stopping.check()
         chunk = jobs[i : i + cfg.batch_size]
         hr = torch.from_numpy(np.stack([c for _, c, _ in chunk])).permute(0, 3, 1, 2).contiguous()
         hr_t, lr = degrade_batch(hr, [p for _, _, p in chunk], cfg.degradation, device=cfg.device)

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dp2o import stopping
 from dp2o.config import EvaluateConfig, canonical, canonical_json, fingerprint, runtime_fields
 from dp2o.errors import StageError
 from dp2o.evaluate.candidates import (
@@ -241,6 +242,7 @@ def evaluate_model(
     names = [s.name for s in specs]
     for group in by_size.values():
         for lo in range(0, len(group), per_chunk):
+            stopping.check()
             chunk = group[lo : lo + per_chunk]
             ids = [x.sample_id for x in chunk]
             try:

@@ -26,6 +26,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
+from dp2o import stopping
 from dp2o.models._hf_common import (
     DiffusersBackend,
     PromptCache,
@@ -287,6 +288,7 @@ class FluxControlNetBackend(DiffusersBackend):
         )
         step_kwargs = {"generator": generators} if "generator" in self._step_kwargs else {}
         for t in timesteps:
+            stopping.check()  # once per denoising step
             sigma = (t / 1000).expand(batch)
             v = self._velocity(
                 latents, sigma, cond, img_ids, txt_ids, self._transformer_fwd, self._controlnet_fwd

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from dp2o import stopping
 from dp2o.models._hf_common import (
     DiffusersBackend,
     PromptCache,
@@ -229,6 +230,7 @@ class SD2ControlNetBackend(DiffusersBackend):
         latents = latents * self._sampler.init_noise_sigma
         self._sampler.set_timesteps(self.num_inference_steps, device=self._device)
         for t in self._sampler.timesteps:
+            stopping.check()  # once per denoising step
             x = torch.cat([latents, latents]) if guided else latents
             x = self._sampler.scale_model_input(x, t)
             pred = self._denoise(x, t, text, control, self._unet_fwd, self._controlnet_fwd)

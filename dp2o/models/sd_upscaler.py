@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
+from dp2o import stopping
 from dp2o.models._hf_common import (
     DiffusersBackend,
     PromptCache,
@@ -195,6 +196,7 @@ class SDUpscalerBackend(DiffusersBackend):
         self._sampler.set_timesteps(self.num_inference_steps, device=self._device)
         step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in self._step_kwargs}
         for t in self._sampler.timesteps:
+            stopping.check()  # once per denoising step
             x = torch.cat([latents, latents]) if guided else latents
             x = self._sampler.scale_model_input(x, t)
             pred = self._denoise(x, image, t, text, level, self._unet_fwd)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 
+from dp2o import stopping
 from dp2o.devices import resolve_device
 from dp2o.models.base import Backend, BackendError, NoisedBatch, draw_timesteps
 from dp2o.models.config import BackendConfig
@@ -232,6 +233,7 @@ class TinyBackend(Backend):
         sampler.set_timesteps(self.num_inference_steps, device=self._device)
         x = noise
         for t in sampler.timesteps:
+            stopping.check()  # once per denoising step: a stop request ends a long batch within a step
             eps = self._eps(self.unet, x, cond, t.expand(x.shape[0]))
             x = sampler.step(eps, t, x, eta=0.0).prev_sample
         return ((cond + x).clamp(-1, 1) * 0.5 + 0.5).cpu()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from dp2o import stopping
 from dp2o.config import SampleConfig, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Flag, Input, Stage
@@ -124,6 +125,7 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     with TarReader(local_copy(up, f"data/{spec.name}.tar", tmp)) as tar:
         lrs = {sid: tar.image(f"{sid}.lr.png") for sid in ok_ids}  # a shard's LR inputs are small
     for i in range(0, len(jobs), cfg.batch_size):
+        stopping.check()
         chunk = jobs[i : i + cfg.batch_size]
         prompts = [prompt_of[sid] or cfg.backend.prompt for sid, _, _ in chunk] if prompt_of else None
         sr, finite = sample_lr_batch(backend, [lrs[sid] for sid, _, _ in chunk], chunk, prompts)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from dp2o import stopping
 from dp2o.config import ScoreConfig, canonical, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Flag, Input, Stage
@@ -112,6 +113,7 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
             if r["status"] == "ok":
                 by_sample.setdefault(r["sample_id"], []).append(r)
         for sid, group in by_sample.items():
+            stopping.check()
             hr = to_tensor01([hr_tar.image(f"{sid}.hr.png")])
             sr = to_tensor01(sr_tar.image(f"{candidate_key(sid, r['candidate'])}.sr.png") for r in group)
             scores = models.score(sr, hr.expand(len(group), -1, -1, -1))

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from dp2o import stopping
 from dp2o.errors import Dp2oError, StageError
 from dp2o.train.collective import barrier
 
@@ -139,7 +140,7 @@ def run_training(job: TrainJob, scratch: Path, log: Callable[[str], None] | None
     level = logging.getLogger("dp2o").getEffectiveLevel()
     args = (job, n, pg_backend, devices, str(scratch), str(rendezvous), os.getpid(), level)
     try:
-        torch.multiprocessing.spawn(_worker, args=args, nprocs=n, join=True)
+        _spawn_stoppable(args, n)
     except Exception as err:
         failed = sorted(scratch.glob("error-rank*.txt"))
         if failed:
@@ -149,6 +150,24 @@ def run_training(job: TrainJob, scratch: Path, log: Callable[[str], None] | None
 
     stats = json.loads((scratch / "stats.json").read_text())
     return Trained(TrainResult(pq.read_table(scratch / "metrics.parquet"), stats), model_dir)
+
+
+def _spawn_stoppable(args: tuple, n: int) -> None:
+    """Start the n training processes and wait for them; a stop request (`dp2o.stopping`) terminates them
+    (a rerun resumes from the last complete checkpoint) and raises `Stopped`."""
+    context = torch.multiprocessing.spawn(_worker, args=args, nprocs=n, join=False)
+    try:
+        while not context.join(timeout=1.0):
+            stopping.check()
+    except Exception:
+        if not stopping.requested():
+            raise  # a worker failed (spawn has terminated the others)
+        for p in context.processes:  # stopping (a Ctrl-C also reaches the workers: they may have died of it)
+            if p.is_alive():
+                p.terminate()
+        for p in context.processes:
+            p.join(30)
+        raise stopping.stopped() from None
 
 
 def _close(images) -> None:

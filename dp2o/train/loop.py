@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dp2o import stopping
 from dp2o import storage as dio
 from dp2o.config import TrainConfig, canonical
 from dp2o.models.base import Backend, NoisedBatch
@@ -229,6 +230,7 @@ def train_dpo(
     backend.train()
     step_seconds: list[float] = []
     for step in range(start, cfg.steps):
+        stopping.check()  # between steps: the last complete checkpoint is where a rerun resumes
         t0 = time.perf_counter()
         idx = pair_indices(step, cfg.pairs_per_step, n_pairs, cfg.seed)
         opt.zero_grad(set_to_none=True)
