@@ -33,7 +33,7 @@ def _num(v: float, digits: int = 4) -> str:
 
 def _frame(title: str, width: int, height: int) -> list[str]:
     return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
         f'<rect width="{width}" height="{height}" fill="#fcfcfd" stroke="#e3e6ec"/>',
         f'<text x="{width / 2:.1f}" y="15" font-size="12" text-anchor="middle" fill="#1d2330" {_FONT}>'

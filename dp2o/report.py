@@ -39,6 +39,7 @@ from typing import Any
 
 from dp2o import describe as d
 from dp2o import registry
+from dp2o.charts import histogram_svg, line_svg
 from dp2o.errors import Dp2oError, StageError
 from dp2o.plan import read_manifest, read_stage_table, resolve_stage_dir
 from dp2o.storage import MANIFEST, MARKERS, Storage, read_parquet
@@ -281,91 +282,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") 
     return f"<table{c}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def svg_histogram(
-    title: str, values: Sequence[Any], bins: int = 20, width: int = 340, height: int = 170
-) -> str:
-    """An inline SVG bar chart of the finite `values` (bins as `dp2o.describe.histogram`)."""
-    rows = d.histogram(values, bins=bins)
-    left, right, top, bottom = 34, 8, 22, 30
-    pw, ph = width - left - right, height - top - bottom
-    parts = [
-        f'<svg class="chart hist" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
-        f'<text x="{width / 2:.1f}" y="14" class="t">{_e(title)}</text>',
-        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" class="ax"/>',
-    ]
-    if not rows:
-        parts.append(f'<text x="{width / 2:.1f}" y="{top + ph / 2:.1f}" class="t">no finite values</text>')
-    else:
-        top_count = max(r["count"] for r in rows)
-        bw = pw / len(rows)
-        for i, r in enumerate(rows):
-            bh = ph * r["count"] / top_count if top_count else 0
-            x, y = left + i * bw, top + ph - bh
-            parts.append(
-                f'<rect x="{x + 0.5:.1f}" y="{y:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}" class="bar">'
-                f"<title>{_e(_num(r['from']))} – {_e(_num(r['to']))}: {r['count']}</title></rect>"
-            )
-        parts += [
-            f'<text x="{left}" y="{height - 10}" class="l">{_e(_num(rows[0]["from"]))}</text>',
-            f'<text x="{left + pw}" y="{height - 10}" class="r">{_e(_num(rows[-1]["to"]))}</text>',
-            f'<text x="{left - 4}" y="{top + 8}" class="r">{top_count}</text>',
-            f'<text x="{left - 4}" y="{top + ph}" class="r">0</text>',
-        ]
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def svg_line(
-    title: str, xs: Sequence[Any], ys: Sequence[Any], width: int = 340, height: int = 170, cls: str = "ln"
-) -> str:
-    """An inline SVG line chart of the points whose x and y are both finite."""
-    pts = [
-        (float(x), float(y))
-        for x, y in zip(xs, ys, strict=True)
-        if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))
-    ]
-    left, right, top, bottom = 44, 10, 22, 30
-    pw, ph = width - left - right, height - top - bottom
-    parts = [
-        f'<svg class="chart line" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
-        f'<text x="{width / 2:.1f}" y="14" class="t">{_e(title)}</text>',
-        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" class="ax"/>',
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" class="ax"/>',
-    ]
-    if not pts:
-        parts.append(f'<text x="{width / 2:.1f}" y="{top + ph / 2:.1f}" class="t">no finite values</text>')
-    else:
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        sx = pw / (x1 - x0) if x1 > x0 else 0.0
-        sy = ph / (y1 - y0) if y1 > y0 else 0.0
-
-        def at(p):
-            x = left + (p[0] - x0) * sx if sx else left + pw / 2
-            y = top + ph - (p[1] - y0) * sy if sy else top + ph / 2
-            return f"{x:.1f},{y:.1f}"
-
-        if len(pts) > 1:
-            parts.append(f'<polyline points="{" ".join(at(p) for p in pts)}" class="{_e(cls)}"/>')
-        if len(pts) <= 60:
-            for p in pts:
-                cx, cy = at(p).split(",")
-                parts.append(
-                    f'<circle cx="{cx}" cy="{cy}" r="2" class="{_e(cls)} pt">'
-                    f"<title>{_e(_num(p[0]))}: {_e(_num(p[1]))}</title></circle>"
-                )
-        parts += [
-            f'<text x="{left - 4}" y="{top + 8}" class="r">{_e(_num(y1, 3))}</text>',
-            f'<text x="{left - 4}" y="{top + ph}" class="r">{_e(_num(y0, 3))}</text>',
-            f'<text x="{left}" y="{height - 10}" class="l">{_e(_num(x0))}</text>',
-            f'<text x="{left + pw}" y="{height - 10}" class="r">{_e(_num(x1))}</text>',
-        ]
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:20px;color:#1d2330;background:#fff}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d8dce4}
@@ -384,10 +300,7 @@ color:#fff;font-weight:600;font-size:10px}.tag.win{background:#1a9641}.tag.lose{
 .missing{width:108px;height:108px;display:flex;align-items:center;justify-content:center;background:#f6e7e7;
 color:#8a1c1c;font-size:10px;overflow:hidden;text-align:center}
 .sep{width:2px;align-self:stretch;background:#d8dce4;margin:0 2px}.charts{display:flex;flex-wrap:wrap;gap:14px}
-svg.chart{border:1px solid #e3e6ec;background:#fcfcfd}svg .t{font-size:12px;text-anchor:middle;fill:#1d2330}
-svg .l{font-size:10px;fill:#556}svg .r{font-size:10px;fill:#556;text-anchor:end}svg .ax{stroke:#99a;stroke-width:1}
-svg .bar{fill:#4f7cc9}svg .ln{fill:none;stroke:#c0392b;stroke-width:1.5}svg .acc{fill:none;stroke:#1a9641;
-stroke-width:1.5}svg .pt{stroke:none}svg circle.ln{fill:#c0392b}svg circle.acc{fill:#1a9641}
+svg.chart{margin:0}
 ul.sum{margin:2px 0 6px 18px;padding:0}
 """
 
@@ -624,9 +537,9 @@ def _rewards_section(tables: dict) -> str:
     t, metrics, has_reward = tables["scores"]
     charts = []
     if has_reward:
-        charts.append(svg_histogram(f"reward ({t.num_rows} candidates)", t["reward"].to_pylist()))
+        charts.append(histogram_svg(f"reward ({t.num_rows} candidates)", t["reward"].to_pylist()))
     for m in metrics:
-        charts.append(svg_histogram(f"{m} (raw)", t[m].to_pylist()))
+        charts.append(histogram_svg(f"{m} (raw)", t[m].to_pylist()))
     return (
         "<section id='rewards'><h2>Rewards and metrics</h2><p class='small muted'>Histograms over every "
         f"scored candidate of the run (20 bins).</p><div class='charts'>{''.join(charts)}</div></section>"
@@ -644,8 +557,15 @@ def _train_section(runs: dict[str, list[Run]], chain: dict[str, Storage]) -> str
     rows = read_parquet(train, "data/metrics.parquet").to_pylist() if m.get("rows") else []
     steps = [r.get("step") for r in rows]
     charts = [
-        svg_line("train loss", steps, [r.get("loss") for r in rows], cls="ln"),
-        svg_line("implicit accuracy", steps, [r.get("implicit_acc") for r in rows], cls="acc"),
+        line_svg(
+            "train loss", steps, [("loss", [r.get("loss") for r in rows])], reference=("ln 2", math.log(2))
+        ),
+        line_svg(
+            "implicit accuracy",
+            steps,
+            [("implicit acc", [r.get("implicit_acc") for r in rows])],
+            reference=("chance", 0.5),
+        ),
     ]
     st = m.get("stats", {})
     facts = [
