@@ -16,9 +16,11 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 log = logging.getLogger("dp2o")
+T = TypeVar("T")
 
 #: seconds between two progress lines of one tracker (the first and the last are always written)
 EVERY_SECONDS = 10.0
@@ -51,12 +53,12 @@ def _bar(total: int, desc: str, unit: str, *, leave: bool):
 class _Tracker:
     """Counts done of total; a throttled log line and, with bars, a tqdm bar."""
 
-    def __init__(self, label: str, total: int, unit: str, every: float, *, leave: bool):
+    def __init__(self, label: str, total: int, unit: str, every: float, *, leave: bool, lines: bool = True):
         self.label, self.total, self.unit, self.every = label, max(0, int(total)), unit, every
         self.done = 0
         self.t0 = self.last = time.monotonic()
         self.logged_last = False
-        self.lines = _mode() != "off"
+        self.lines = lines and _mode() != "off"
         self.bar = _bar(self.total, label, unit, leave=leave) if bars_enabled() else None
 
     def advance(self, n: int = 1) -> None:
@@ -110,13 +112,24 @@ class ProgressLog(_Tracker):
 
 
 class Within(_Tracker):
-    """Progress inside one shard: `with within("sample shard-00003", 256, "candidates") as p: ... p.update(8)`."""
+    """Progress inside one shard: `with within("sample shard-00003", 256, "candidates") as p: ... p.update(8)`,
+    or around a loop: `for i in within(...).over(range(0, n, b), lambda i: min(b, n - i)): ...`."""
 
-    def __init__(self, label: str, total: int, unit: str, every: float = EVERY_SECONDS):
-        super().__init__(label, total, unit, every, leave=False)
+    def __init__(self, label: str, total: int, unit: str, every: float = EVERY_SECONDS, lines: bool = True):
+        super().__init__(label, total, unit, every, leave=False, lines=lines)
 
     def update(self, n: int = 1) -> None:
         self.advance(n)
+
+    def over(self, items: Iterable[T], weight: Callable[[T], int] = lambda _: 1) -> Iterator[T]:
+        """Yield `items`; each one counts `weight(item)` once the loop body has run for it. Closes the bar at the
+        end, also when the loop is left by an exception (a stop request, an error)."""
+        try:
+            for item in items:
+                yield item
+                self.update(weight(item))
+        finally:
+            self.close()
 
     def __enter__(self) -> Within:
         return self
@@ -125,6 +138,7 @@ class Within(_Tracker):
         self.close()
 
 
-def within(label: str, total: int, unit: str, every: float = EVERY_SECONDS) -> Within:
-    """A progress tracker for the work inside one shard (see the module doc)."""
-    return Within(label, total, unit, every)
+def within(label: str, total: int, unit: str, every: float = EVERY_SECONDS, lines: bool = True) -> Within:
+    """A progress tracker for the work inside one shard (see the module doc); `lines=False`: a bar only (for a
+    loop that logs its own lines, e.g. training)."""
+    return Within(label, total, unit, every, lines)

@@ -22,6 +22,7 @@ from dp2o.config import DegradeConfig, fingerprint
 from dp2o.data import BUNDLED_SCHEME, is_bundled
 from dp2o.errors import StageError
 from dp2o.plan import ShardSpec, StagePlan, listing_hash, out_url
+from dp2o.progress import within
 from dp2o.registry import Flag, Input, Stage
 from dp2o.schemas import Column, documented_schema
 from dp2o.seeding import derive_seed
@@ -156,7 +157,8 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
                 }
             )
     members: list[tuple[str, bytes]] = []
-    for i in range(0, len(jobs), cfg.batch_size):
+    bs, n = cfg.batch_size, len(jobs)
+    for i in within(f"degrade {spec.name}", n, "crops").over(range(0, n, bs), lambda i: min(bs, n - i)):
         stopping.check()
         chunk = jobs[i : i + cfg.batch_size]
         hr = torch.from_numpy(np.stack([c for _, c, _ in chunk])).permute(0, 3, 1, 2).contiguous()

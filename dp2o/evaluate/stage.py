@@ -51,6 +51,7 @@ from dp2o.evaluate.candidates import (
 from dp2o.evaluate.heldout import HeldoutInput, load_heldout, resolve_heldout
 from dp2o.evaluate.summary import BASELINE, at_m_summary, summary_markdown
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url, read_manifest
+from dp2o.progress import within
 from dp2o.registry import Flag, Input, Stage
 from dp2o.score.stage import load_scorer, metrics_flag
 from dp2o.storage import ShardOutput, Storage, write_parquet
@@ -240,37 +241,39 @@ def evaluate_model(
         by_size.setdefault(x.lr.shape, []).append(x)
     per_chunk = max(1, (4 * batch) // m)  # inputs per sampling call: bounds the candidates held in memory
     names = [s.name for s in specs]
-    for group in by_size.values():
-        for lo in range(0, len(group), per_chunk):
-            stopping.check()
-            chunk = group[lo : lo + per_chunk]
-            ids = [x.sample_id for x in chunk]
-            try:
-                cands = sample_candidates(backend, ids, [x.lr for x in chunk], m, seed, batch)
-            except ValueError as e:
-                h, w = chunk[0].lr.shape[:2]
-                raise StageError(
-                    f"evaluate: the {backend.name} backend cannot upscale held-out LR images of {w}x{h} "
-                    f"(e.g. {chunk[0].lr_name}): {e}"
-                ) from e
-            finite = torch.isfinite(cands).flatten(2).all(dim=2)
-            scores = score_candidates(scorer, torch.nan_to_num(cands).clamp(0, 1), [x.hr for x in chunk])
-            for i, x in enumerate(chunk):
-                for c in range(m):
-                    ok = bool(finite[i, c])
-                    rows.append(
-                        {
-                            "model": label,
-                            "sample_id": x.sample_id,
-                            "source": x.source,
-                            "candidate": c,
-                            "seed": evaluation_seed(seed, x.sample_id, c),
-                            "has_hr": x.hr is not None,
-                            "status": "ok" if ok else "error",
-                            "error": None if ok else "model output has NaN/inf values",
-                            **{n: float(scores[n][i, c]) if ok else np.nan for n in names},
-                        }
-                    )
+    chunks = [
+        group[lo : lo + per_chunk] for group in by_size.values() for lo in range(0, len(group), per_chunk)
+    ]
+    progress = within(f"evaluate {label}", len(inputs) * m, "candidates")
+    for chunk in progress.over(chunks, lambda chunk: len(chunk) * m):
+        stopping.check()
+        ids = [x.sample_id for x in chunk]
+        try:
+            cands = sample_candidates(backend, ids, [x.lr for x in chunk], m, seed, batch)
+        except ValueError as e:
+            h, w = chunk[0].lr.shape[:2]
+            raise StageError(
+                f"evaluate: the {backend.name} backend cannot upscale held-out LR images of {w}x{h} "
+                f"(e.g. {chunk[0].lr_name}): {e}"
+            ) from e
+        finite = torch.isfinite(cands).flatten(2).all(dim=2)
+        scores = score_candidates(scorer, torch.nan_to_num(cands).clamp(0, 1), [x.hr for x in chunk])
+        for i, x in enumerate(chunk):
+            for c in range(m):
+                ok = bool(finite[i, c])
+                rows.append(
+                    {
+                        "model": label,
+                        "sample_id": x.sample_id,
+                        "source": x.source,
+                        "candidate": c,
+                        "seed": evaluation_seed(seed, x.sample_id, c),
+                        "has_hr": x.hr is not None,
+                        "status": "ok" if ok else "error",
+                        "error": None if ok else "model output has NaN/inf values",
+                        **{n: float(scores[n][i, c]) if ok else np.nan for n in names},
+                    }
+                )
     return rows
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 from dp2o import stopping
 from dp2o.config import SampleConfig, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
+from dp2o.progress import within
 from dp2o.registry import Flag, Input, Stage
 from dp2o.schemas import Column, documented_schema
 from dp2o.seeding import derive_seed
@@ -124,7 +125,8 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
     members: list[tuple[str, bytes]] = []
     with TarReader(local_copy(up, f"data/{spec.name}.tar", tmp)) as tar:
         lrs = {sid: tar.image(f"{sid}.lr.png") for sid in ok_ids}  # a shard's LR inputs are small
-    for i in range(0, len(jobs), cfg.batch_size):
+    bs, n = cfg.batch_size, len(jobs)
+    for i in within(f"sample {spec.name}", n, "candidates").over(range(0, n, bs), lambda i: min(bs, n - i)):
         stopping.check()
         chunk = jobs[i : i + cfg.batch_size]
         prompts = [prompt_of[sid] or cfg.backend.prompt for sid, _, _ in chunk] if prompt_of else None

@@ -16,6 +16,7 @@ import pyarrow as pa
 from dp2o import stopping
 from dp2o.config import ScoreConfig, canonical, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
+from dp2o.progress import within
 from dp2o.registry import Flag, Input, Stage
 from dp2o.schemas import documented_schema
 from dp2o.storage import ShardOutput, local_copy, read_parquet, write_parquet
@@ -112,7 +113,8 @@ def run_shard(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
         for r in cands:
             if r["status"] == "ok":
                 by_sample.setdefault(r["sample_id"], []).append(r)
-        for sid, group in by_sample.items():
+        progress = within(f"score {spec.name}", sum(map(len, by_sample.values())), "candidates")
+        for sid, group in progress.over(by_sample.items(), lambda item: len(item[1])):
             stopping.check()
             hr = to_tensor01([hr_tar.image(f"{sid}.hr.png")])
             sr = to_tensor01(sr_tar.image(f"{candidate_key(sid, r['candidate'])}.sr.png") for r in group)

@@ -36,6 +36,7 @@ from dp2o import stopping
 from dp2o import storage as dio
 from dp2o.config import TrainConfig, canonical
 from dp2o.models.base import Backend, NoisedBatch
+from dp2o.progress import within
 from dp2o.seeding import derive_seed, numpy_rng, torch_generator
 from dp2o.storage import Storage
 from dp2o.train.collective import (
@@ -229,7 +230,9 @@ def train_dpo(
 
     backend.train()
     step_seconds: list[float] = []
-    for step in range(start, cfg.steps):
+    bar = within("train", cfg.steps, "steps", lines=False)  # a bar on a terminal; the loop logs its own lines
+    bar.update(start)
+    for step in bar.over(range(start, cfg.steps)):
         stopping.check()  # between steps: the last complete checkpoint is where a rerun resumes
         t0 = time.perf_counter()
         idx = pair_indices(step, cfg.pairs_per_step, n_pairs, cfg.seed)
