@@ -357,9 +357,13 @@ def _run_pipeline(
         flows.run_flow(flows.pipeline, config=cfg, until=until)
         return
     from dp2o.driver import run_pipeline, summary
+    from dp2o.report import report_after_run
 
     results = run_pipeline(cfg, until=until)
     print(summary(results, time.perf_counter() - t0))
+    report = report_after_run(cfg.root, cfg.storage_options)
+    if report:
+        print(f"report: {report}  (open it in a browser; dp2o report {cfg.root} rebuilds it)")
 
 
 def _run_stage(stage: registry.Stage, cfg: PipelineConfig, orchestrator: str, inputs: dict, out: str) -> dict:

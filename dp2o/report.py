@@ -734,3 +734,15 @@ def write_report(
     else:
         dest.write_bytes_atomic(page, name)
     return target
+
+
+def report_after_run(root: str, storage_options: dict | None = None) -> str | None:
+    """Write `<root>/report.html` at the end of a pipeline run and return its URL; a report that cannot be made
+    is logged and skipped (None): it never fails a run whose stages all committed."""
+    import logging
+
+    try:
+        return write_report(root, storage_options=storage_options)
+    except Exception as e:  # a report is a view of the run, not part of it
+        logging.getLogger("dp2o").warning("report not written: %s: %s", type(e).__name__, e)
+        return None

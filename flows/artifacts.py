@@ -227,3 +227,13 @@ def publish_run(root: str, record: dict) -> None:
         description=f"dp2o run of {root}: wall time {record.get('wall_seconds')} s\n\n```\n"
         f"{record['summary'].strip()}\n```",
     )
+    if record.get("report"):
+        _safely(
+            "report",
+            create_link_artifact,
+            browsable(record["report"]),
+            link_text=record["report"],
+            key=artifact_key("pipeline", root, "report"),
+            description="the run's HTML report: stages, sampled inputs with their ranked candidates and pairs, "
+            "reward histograms, the loss curve, evaluation (dp2o report)",
+        )

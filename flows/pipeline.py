@@ -11,6 +11,7 @@ from dp2o import registry
 from dp2o.config import PipelineConfig, apply_overrides
 from dp2o.driver import PARTITION_WAIT_SECONDS, StageResult, run_pipeline, run_record
 from dp2o.plan import StagePlan
+from dp2o.report import report_after_run
 from dp2o.stopping import Stopped
 from flows.artifacts import publish_run
 from flows.cancel import stoppable
@@ -81,7 +82,10 @@ def pipeline(
     def run() -> dict:
         results = run_pipeline(config, execute, until=until)
         record = run_record(results, time.perf_counter() - t0)
+        record["report"] = report_after_run(config.root, config.storage_options)
         print(record["summary"])
+        if record["report"]:
+            print(f"report: {record['report']}")
         publish_run(config.root, record)
         return record
 

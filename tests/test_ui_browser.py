@@ -84,11 +84,11 @@ def ui_run(tmp_path_factory):
             timeout=300,
         )
         assert apply.returncode == 0, apply.stderr[-3000:]
-        yield server, apply.stdout.strip().splitlines()[-1]
+        yield server, apply.stdout.strip().splitlines()[-1], tmp / "runs"
 
 
 def test_stage_artifacts_render_with_their_pictures(ui_run, tmp_path):
-    server, _ = ui_run
+    server, _, _ = ui_run
     runs = {r["name"].split("-")[0]: r for r in _post(server, "flow_runs/filter", {"limit": 50})}
     assert {"train", "reward", "pairs"} <= set(runs), sorted(runs)
     artifacts = _post(server, "artifacts/filter", {"limit": 200})
@@ -115,7 +115,7 @@ def test_stage_artifacts_render_with_their_pictures(ui_run, tmp_path):
 
 
 def test_the_deployment_form_shows_readable_descriptions(ui_run, tmp_path):
-    server, deployment_id = ui_run
+    server, deployment_id, _ = ui_run
     with chromium_page(1300, 1000) as page:
         page.goto(server.ui(f"deployments/deployment/{deployment_id}/run"))
         page.wait_for_selector("text=run root", timeout=60000)
@@ -123,3 +123,19 @@ def test_the_deployment_form_shows_readable_descriptions(ui_run, tmp_path):
         _shot(page, tmp_path, "deployment-run-form.png")
     line = next(ln for ln in text.splitlines() if ln.startswith("run root"))
     assert "ROOT/STAGE/FINGERPRINT" in line and "///" not in text, line
+
+
+def test_the_pipeline_run_links_its_html_report(ui_run, tmp_path):
+    server, _, root = ui_run
+    report = root / "report.html"
+    assert report.is_file() and report.stat().st_size > 10_000
+    links = [
+        a
+        for a in _post(server, "artifacts/filter", {"limit": 200})
+        if (a.get("key") or "").endswith("-report")
+    ]
+    assert links and report.as_uri() in links[0]["data"], links
+    with chromium_page(1300, 1000) as page:
+        page.goto(server.ui(f"artifacts/artifact/{links[0]['id']}"))
+        page.wait_for_selector("text=report.html", timeout=30000)
+        _shot(page, tmp_path, "artifact-report-link.png")
