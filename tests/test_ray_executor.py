@@ -1,13 +1,16 @@
 """The Ray executor on a local Ray instance that declares 2 logical GPUs: each GPU shard runs on its own
 device, a model is loaded once per worker (not per shard), outputs are byte-identical to the local executor's,
 a worker SIGKILLed mid-shard is replaced and its shard retried with nothing partial visible, and a shard that
-always fails fails the stage by name while every other shard stays committed."""
+always fails fails the stage by name while every other shard stays committed; a stop request kills the running
+shards and starts no more."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -68,6 +71,7 @@ def _run(plan: StagePlan, spec: ShardSpec, tmp: Path) -> ShardOutput:
         os.kill(os.getpid(), signal.SIGKILL)
     if spec.name == rt.get("fail"):
         raise ValueError("model exploded")
+    time.sleep(rt.get("sleep", 0))  # a long shard
     p = tmp / f"{spec.name}.parquet"
     write_parquet(pa.table({"shard": [spec.index], "value": [spec.index * plan.config.n_top]}), p)
     where = {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
@@ -129,6 +133,23 @@ def test_a_killed_worker_is_replaced_and_its_shard_retried_with_nothing_partial_
         p.relative_to(tmp_path / "killed").as_posix() for p in (tmp_path / "killed" / "data").iterdir()
     } == listed
     assert not (tmp_path / "killed" / ".tmp").exists(), "the dead worker's scratch is reclaimed"
+
+
+def test_a_stop_request_kills_the_running_shards_and_starts_no_more(tmp_path, probe):
+    from dp2o import stopping
+    from dp2o.ray_executor import RayExecutor
+
+    plan = probe(tmp_path / "out", sleep=60)
+    stopping.clear()
+    threading.Timer(8.0, stopping.request, args=("test",)).start()  # the actors are running their shards
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(stopping.Stopped):
+            run_stage(plan, RayExecutor(RayConfig()))
+    finally:
+        stopping.clear()
+    assert time.monotonic() - t0 < 20
+    assert len(pending_shards(plan)) == 6 and not list((tmp_path / "out" / "data").glob("*"))
 
 
 def test_a_shard_that_always_fails_fails_the_stage_by_name_and_the_rest_stay_committed(tmp_path, probe):

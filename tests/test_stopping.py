@@ -113,6 +113,33 @@ def test_the_tiny_backend_stops_within_one_denoising_step():
     assert len(calls) == 3  # the fourth step never ran
 
 
+@pytest.mark.slow
+def test_a_stop_ends_data_parallel_training_and_its_processes(tmp_path):
+    import multiprocessing
+
+    from dp2o.storage import Storage
+    from dp2o.train.distributed import run_training
+    from tests.test_train_ddp import job
+
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoints" / "step-000001" / "COMPLETE.json"
+    requested = []
+
+    def stop_after_the_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        requested.append(time.monotonic())
+        stopping.request("test")
+
+    threading.Thread(target=stop_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(stopping.Stopped):  # 2 ranks, a second per micro-batch: step 2 is under way
+        run_training(job(Storage(str(out)), 2, 2, delay=1.0), tmp_path / "scratch")
+    assert checkpoint.exists() and time.monotonic() - requested[0] < 10
+    assert not multiprocessing.active_children()
+    assert not (out / "checkpoints" / "step-000002" / "COMPLETE.json").exists()
+
+
 # ---- a run in a subprocess ---------------------------------------------------------------------------------
 
 
