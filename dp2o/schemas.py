@@ -49,9 +49,6 @@ COMMON: dict[str, Column] = {
     "status": Column("ok, or error: the row was kept with its error instead of failing the shard"),
     "error": Column("what went wrong for this row (null when status is ok)"),
     "source": Column("the HR photo this input was cropped from (URL, bundled:// name, or tar#member)"),
-    "reward": Column(
-        "hybrid reward: the metrics normalised to [0, 1], higher better, and mixed", "", "higher"
-    ),
 }
 
 

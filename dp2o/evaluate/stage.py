@@ -281,12 +281,14 @@ def candidates_schema(metric_names: Sequence[str]):
     import pyarrow as pa
 
     from dp2o.reward.registry import column_doc
+    from dp2o.reward.stage import REWARD_COLUMN
     from dp2o.schemas import Column, documented_schema
 
     columns = {
         "model": Column("which model made the candidate: base or tuned"),
         "has_hr": Column("the held-out input has an HR image (full-reference metrics were computed)"),
         **{n: column_doc(n) for n in metric_names},
+        "reward": REWARD_COLUMN,
     }
     return documented_schema(
         "evaluate",

@@ -12,8 +12,13 @@ from pathlib import Path
 from dp2o.config import ScoreConfig, canonical, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Input, Stage
-from dp2o.schemas import documented
+from dp2o.schemas import Column, documented
 from dp2o.storage import ShardOutput, read_parquet, write_parquet
+
+#: the reward column's doc (also in the evaluate stage's candidates table)
+REWARD_COLUMN = Column(
+    "hybrid reward: each metric normalised to [0, 1] higher-better, then mixed", "", "higher"
+)
 
 
 def plan(cfg: ScoreConfig, inputs, out, *, root, storage_options, runtime) -> StagePlan:
@@ -55,7 +60,11 @@ def run_all(plan: StagePlan, todo: list[ShardSpec], tmp: Path) -> list[ShardOutp
     plan.out.write_json_atomic({"bounds": bounds, "reward": canonical(cfg.reward)}, "normalization.json")
     outputs = []
     for s in todo:
-        part = documented(full.filter(pc.equal(full["_shard"], s.index)).drop_columns(["_shard"]), "reward")
+        part = documented(
+            full.filter(pc.equal(full["_shard"], s.index)).drop_columns(["_shard"]),
+            "reward",
+            {"reward": REWARD_COLUMN},
+        )
         p = tmp / f"{s.name}.parquet"
         write_parquet(part, p)
         r = part["reward"].to_numpy()
