@@ -63,9 +63,9 @@ from dp2o.reward.hybrid import RewardConfig, compute_reward
 from dp2o.seeding import derive_seed
 
 #: The reward of the reproduction (a preset of dp2o.reward.registry or a comma-separated list of metric names):
-#: the `offline` preset without PIQE. PIQE scores 16×16 blocks, and a 64 px crop has only 16 of them: moving the
-#: same crop by 1–4 px changes PIQE by 5.2 points (std), against a spread of 6.4 between the candidates of one
-#: input, so on these crops it ranks candidates almost at random (see docs/mini_repro.md). Entropy stays as the
+#: the `offline` preset without PIQE. PIQE scores 16×16 blocks, and a 64 px crop has only 16 of them: the order it
+#: gives the candidates of one input barely survives moving the window by 1–4 px (Spearman 0.31; entropy 0.96,
+#: BRISQUE 0.78; NIQE needs 96 px: `python -m scripts.piqe_stability`, docs/reward.md). Entropy stays as the
 #: no-reference half; FR is PSNR, SSIM, FSIM and GMSD.
 DEFAULT_METRICS = "psnr,ssim,fsim,gmsd,entropy"
 #: training photos held out of training by `--split photo-val`, for tuning without touching bundled://heldout

@@ -72,6 +72,12 @@ def test_listed_weight_files_are_the_ones_the_libraries_fetch(name):
             from pyiqa.archs.clip_model import _MODELS
 
             assert weight.name in {_cached_name(u) for u in _MODELS.values()}, (name, weight)
+        elif weight.location == "dp2o":
+            # shipped with dp2o instead of downloaded (dp2o.reward.classical); pyiqa still fetches a file for it
+            from dp2o.reward.registry import weight_location
+
+            assert os.path.isfile(weight_location(weight)), (name, weight)
+            assert _arch_module(spec).default_model_urls, name
         elif weight.location == "torch_checkpoints":
             assert weight.name in _torchvision_weight_files(), (name, weight)
         elif weight.name.startswith("timm/"):

@@ -23,7 +23,7 @@ from typing import Literal
 
 from dp2o.errors import Dp2oError
 
-WeightLocation = Literal["pyiqa", "torch_checkpoints", "clip", "hf"]
+WeightLocation = Literal["pyiqa", "torch_checkpoints", "clip", "hf", "dp2o"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class WeightFile:
       "torch_checkpoints": torchvision / timm URL weights, `$TORCH_HOME/hub/checkpoints/<name>`
       "clip":              OpenAI CLIP backbones loaded by pyiqa, `$TORCH_HOME/hub/clip/<name>`
       "hf":                a Hugging Face Hub repo id, in the HF cache (`$HF_HOME/hub`)
+      "dp2o":              parameters shipped inside dp2o, `dp2o/weights/iqa/<name>` (never downloaded; pyiqa
+                           gets them through `dp2o.reward.classical`)
     """
 
     location: WeightLocation
@@ -81,6 +83,9 @@ _VIT_B8 = WeightFile("hf", "timm/vit_base_patch8_224.augreg2_in21k_ft_in1k")
 _CLIP_RN50 = WeightFile("clip", "RN50.pt")
 _CLIP_VIT_B32 = WeightFile("clip", "ViT-B-32.pt")
 _AFINE = (_pyiqa("afine.pth"), _CLIP_VIT_B32)
+# LIVE's NIQE and BRISQUE parameters, stored as numbers in dp2o/weights/iqa/ (provenance: PROVENANCE.md there)
+_NIQE_PARAMS = WeightFile("dp2o", "niqe_pris_params.safetensors")
+_BRISQUE_SVR = WeightFile("dp2o", "brisque_live_svr.safetensors")
 
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
@@ -189,6 +194,26 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("piqe", "piqe", "NR", True, (0.0, 100.0), note="perception-based image quality evaluator"),
         MetricSpec(
             "entropy", "entropy", "NR", False, (0.0, 8.0), note="grey-level entropy, bits (detail proxy)"
+        ),
+        # ---- classical NR metrics whose parameters ship with dp2o (docs/reward.md) -------------------------
+        MetricSpec(
+            "niqe",
+            "niqe",
+            "NR",
+            True,
+            (0.0, 100.0),
+            (_NIQE_PARAMS,),
+            min_side=96,
+            note="NIQE, LIVE pristine model; 96 px blocks (one block below 192 px, the rest of the crop unused)",
+        ),
+        MetricSpec(
+            "brisque",
+            "brisque",
+            "NR",
+            True,
+            (0.0, 150.0),
+            (_BRISQUE_SVR,),
+            note="BRISQUE, LIVE-trained SVR",
         ),
     )
 }
@@ -306,6 +331,10 @@ def weight_location(weight: WeightFile) -> str:
         return os.path.join(_torch_hub_dir(), "checkpoints", weight.name)
     if weight.location == "clip":
         return os.path.join(_torch_hub_dir(), "clip", weight.name)
+    if weight.location == "dp2o":
+        return os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "iqa", weight.name
+        )
     from huggingface_hub import constants
 
     return os.path.join(constants.HF_HUB_CACHE, "models--" + weight.name.replace("/", "--"))
@@ -341,6 +370,7 @@ def missing_weights_message(missing: dict[str, list[str]]) -> str:
         "To fill them, on a machine with internet and the same TORCH_HOME/HF_HOME, run",
         f"  python -c \"from dp2o.reward import prefetch_weights; prefetch_weights('{names}')\"",
         "then copy those folders here (or point TORCH_HOME/HF_HOME at a shared copy);",
+        "files under dp2o/weights/iqa/ ship with dp2o itself: reinstall dp2o (or restore them from git);",
         "or choose metrics that need no weights (preset 'offline').",
     ]
     return "\n".join(lines)

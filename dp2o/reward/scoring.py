@@ -37,6 +37,11 @@ def _create(spec: MetricSpec, device: torch.device) -> torch.nn.Module:
         # pyiqa and its backbones warn about deprecated torchvision/timm arguments on every build
         warnings.simplefilter("ignore")
         try:
+            shipped = [w.name for w in spec.weights if w.location == "dp2o"]
+            if shipped:  # parameters that ship with dp2o (NIQE, BRISQUE): handed to pyiqa, never downloaded
+                from dp2o.reward.classical import create_pyiqa_metric
+
+                return create_pyiqa_metric(spec.pyiqa_name, shipped[0], device, as_loss=False)
             return pyiqa.create_metric(spec.pyiqa_name, device=device, as_loss=False)
         except Exception as err:
             # only a failure with files still absent is a weights problem; anything else is pyiqa's own error
