@@ -1,9 +1,14 @@
-"""The stage registry moved code, not results: the demo's stage fingerprints are pinned to the values the
-pre-registry code gave, and (opt-in, below) every output file of a full demo run to its sha256 then."""
+"""The demo's results are pinned: its stage fingerprints on every run of the suite, and (opt-in, below) every
+output file of a full demo run to its sha256.
+
+History of the pin: the stage registry (commit 3ad15d5 -> 93c7cf4) moved code and changed no fingerprint and no
+byte. Since then, on purpose: the tuned model's config.json no longer records the folder its base was loaded
+from; every Parquet file carries column docs in its metadata (bytes of every table, no fingerprint); and the
+`offline` metric preset swapped PIQE for BRISQUE, with presets fingerprinted by the metrics they hold (new
+score, reward, pairs and train fingerprints; degrade and sample unchanged)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,10 +21,18 @@ from dp2o.driver import StageResult, run_pipeline
 from dp2o.storage import MANIFEST, Storage
 
 REPO = Path(__file__).resolve().parents[1]
-#: `python -m scripts.pin_outputs runs/demo` on the pre-registry code (commit 3ad15d5), `make demo` config; one
-#: entry changed since on purpose: model/unet/config.json no longer records the folder the base model was
-#: loaded from (`_name_or_path`, a path inside the clone), so every clone writes the same bytes
-BEFORE = REPO / "tests" / "data" / "demo_outputs_before_registry.json"
+#: `python -m scripts.pin_outputs <root>` of `dp2o demo --orchestrator local --root <root>` at the commit that
+#: last changed a result on purpose (see the module doc)
+PINNED = REPO / "tests" / "data" / "demo_outputs.json"
+#: the demo's stage fingerprints (`make demo` config)
+FINGERPRINTS = {
+    "degrade": "629f335a98e36abb",
+    "sample": "a9b478b228047ef7",
+    "score": "6fedb4fb2076a0fa",
+    "reward": "a261528fd98a9ae4",
+    "pairs": "aadb442d792614fc",
+    "train": "18249e8360409d25",
+}
 
 
 def _plan_only(plan) -> StageResult:
@@ -39,16 +52,13 @@ def _plan_only(plan) -> StageResult:
     return StageResult(plan.stage, plan.out_url, manifest, 0, 0, 0.0)
 
 
-def test_demo_fingerprints_are_those_of_the_code_before_the_registry(tmp_path, monkeypatch):
+def test_demo_fingerprints_are_pinned(tmp_path, monkeypatch):
     import dp2o.driver
 
     monkeypatch.setattr(dp2o.driver, "preflight", lambda cfg, until=None: None)  # no model loading needed
     cfg = load_config(PipelineConfig, REPO / "dp2o" / "configs" / "demo.yaml", {"root": str(tmp_path)})
     results = run_pipeline(cfg, _plan_only)
-    before = json.loads(BEFORE.read_text())
-    assert {s: r.manifest["fingerprint"] for s, r in results.items()} == {
-        s: v["fingerprint"] for s, v in before.items()
-    }
+    assert {s: r.manifest["fingerprint"] for s, r in results.items()} == FINGERPRINTS
 
 
 @pytest.mark.skipif(
@@ -56,10 +66,10 @@ def test_demo_fingerprints_are_those_of_the_code_before_the_registry(tmp_path, m
     reason="a full demo run (minutes); its bytes depend on the CPU's float kernels, so it is meaningful on the "
     "machine that recorded the pin: DP2O_PIN_OUTPUTS=1 pytest tests/test_demo_pin.py",
 )
-def test_demo_outputs_are_byte_identical_to_the_code_before_the_registry(tmp_path):
+def test_demo_outputs_are_byte_identical_to_the_pin(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "dp2o.cli", "demo", "--orchestrator", "local", "--root", str(tmp_path)]
     subprocess.run(run, check=True, env=env, cwd=REPO, capture_output=True)
-    check = [sys.executable, "-m", "scripts.pin_outputs", str(tmp_path), "--check", str(BEFORE)]
+    check = [sys.executable, "-m", "scripts.pin_outputs", str(tmp_path), "--check", str(PINNED)]
     proc = subprocess.run(check, env=env, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

@@ -151,7 +151,7 @@ def test_metric_columns_carry_unit_and_direction(run_root):
     (f, *_) = sorted((run_root / "score").glob("*/data/*.parquet"))
     docs = column_docs(pq.read_schema(f))
     assert docs["psnr"]["unit"] == "dB" and docs["psnr"]["better"] == "higher"
-    assert docs["gmsd"]["better"] == "lower" and docs["piqe"]["better"] == "lower"
+    assert docs["gmsd"]["better"] == "lower" and docs["brisque"]["better"] == "lower"
 
 
 def test_train_and_evaluate_tables_are_described():

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import pytest
 
 from dp2o.reward import METRICS, PRESETS, resolve_metrics
+from dp2o.reward.registry import missing_weights
 
 pyiqa = pytest.importorskip("pyiqa")
 from pyiqa.archs import ARCH_REGISTRY, _lazy_import_arch  # noqa: E402
@@ -98,7 +99,9 @@ def test_presets():
     assert [s.kind for s in paper].count("NR") == 6
     assert {s.pyiqa_name for s in paper} >= {"afine_fr", "afine_nr", "clipiqa+", "qalign"}
     offline = resolve_metrics("offline")
-    assert not any(s.needs_weights for s in offline)
+    # nothing to download: the only parameter file (BRISQUE's SVR) ships inside dp2o
+    assert not missing_weights(offline)
+    assert {w.location for s in offline for w in s.weights} <= {"dp2o"}
     assert {s.kind for s in offline} == {"FR", "NR"}
     assert set(PRESETS) == {"paper", "offline"}
 
@@ -133,3 +136,20 @@ def test_duplicates_and_empty_lists_are_refused():
         resolve_metrics(["offline", "psnr"])
     with pytest.raises(ValueError, match="no metrics given"):
         resolve_metrics(" , ")
+
+
+def test_a_preset_is_fingerprinted_by_the_metrics_it_holds(monkeypatch):
+    """Changing what `offline` holds must give the score and reward stages new folders, never reuse old ones."""
+    from dp2o.config import ScoreConfig, fingerprint
+    from dp2o.reward import registry as reg
+    from dp2o.score.stage import score_part
+
+    cfg = ScoreConfig(metrics="offline")
+    before = fingerprint("score", score_part(cfg))
+    assert score_part(cfg)["metrics"] == list(PRESETS["offline"])
+    monkeypatch.setitem(reg.PRESETS, "offline", ("psnr", "entropy"))
+    assert fingerprint("score", score_part(cfg)) != before
+    # the same metrics named one by one are the same computation
+    assert fingerprint("score", score_part(ScoreConfig(metrics=("psnr", "entropy")))) == fingerprint(
+        "score", score_part(cfg)
+    )

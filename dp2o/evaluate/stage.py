@@ -146,7 +146,10 @@ def plan(cfg: EvaluateConfig, inputs, out, *, root, storage_options, runtime) ->
         base = BackendConfig.model_validate(runtime["backend"])
         upstream["base"] = {"url": None, "fingerprint": None, "backend": canonical(base)}
         model_fp = canonical_json(base)
-    fp = fingerprint("evaluate", cfg, [heldout["fingerprint"], model_fp])
+    from dp2o.reward.registry import metric_names
+
+    fingerprinted = {**canonical(cfg), "metrics": metric_names(cfg.metrics)}  # a preset by what it holds
+    fp = fingerprint("evaluate", fingerprinted, [heldout["fingerprint"], model_fp])
     return StagePlan(
         "evaluate",
         fp,

@@ -12,6 +12,7 @@ from pathlib import Path
 from dp2o.config import ScoreConfig, canonical, fingerprint
 from dp2o.plan import ShardSpec, StagePlan, Upstream, out_url
 from dp2o.registry import Input, Stage
+from dp2o.reward.registry import metric_names
 from dp2o.schemas import Column, documented
 from dp2o.storage import ShardOutput, read_parquet, write_parquet
 
@@ -25,7 +26,7 @@ def plan(cfg: ScoreConfig, inputs, out, *, root, storage_options, runtime) -> St
     up = Upstream.at(inputs["scores"], storage_options, "score")
     fp = fingerprint(
         "reward",
-        {"metrics": canonical(cfg.metrics), "reward": canonical(cfg.reward)},
+        {"metrics": metric_names(cfg.metrics), "reward": canonical(cfg.reward)},
         [up.entry["fingerprint"]],
     )
     return StagePlan(

@@ -58,9 +58,13 @@ def preflight(cfg: ScoreConfig) -> None:
 
 
 def score_part(cfg: ScoreConfig) -> dict:
-    """The part of ScoreConfig that changes raw metric values (the reward settings do not)."""
+    """The part of ScoreConfig that changes raw metric values (the reward settings do not). A preset is
+    fingerprinted by the metrics it names, so a change of what a preset holds is a change of fingerprint."""
+    from dp2o.reward.registry import metric_names
+
     c = canonical(cfg)
     c.pop("reward", None)
+    c["metrics"] = metric_names(cfg.metrics)
     return c
 
 
