@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -266,48 +265,13 @@ def test_sigterm_and_ctrl_c_stop_a_local_run_and_a_rerun_resumes_to_the_same_byt
 # ---- under Prefect -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def prefect_server():
+def prefect_server(tmp_path_factory):
     """A real Prefect server (its services run the zombie automation; a temporary one would die with the run)."""
-    import httpx
+    from tests.prefect_server import prefect_server as real_server
 
-    home = tempfile.mkdtemp(prefix="dp2o-prefect-server-")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = _env(PREFECT_HOME=home, PREFECT_API_URL=url, PREFECT_SERVER_UI_ENABLED="false")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 150  # a busy machine (STACK.md)
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail("the Prefect server did not start")
-        time.sleep(0.5)
-    yield url
-    server.terminate()
-    try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    with real_server(tmp_path_factory.mktemp("server")) as server:
+        yield server.api
 
 
 def _client(url: str):
