@@ -44,6 +44,8 @@ def _fresh_stop_flag():
 
 
 def test_a_signal_requests_a_stop_and_check_raises_it():
+    # whatever handlers the process had (an earlier test's ray.init installs its own SIGTERM handler) come back
+    term_before, int_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with stopping.on_signals():
         stopping.check()  # nothing requested
         os.kill(os.getpid(), signal.SIGTERM)
@@ -54,7 +56,7 @@ def test_a_signal_requests_a_stop_and_check_raises_it():
         assert e.value.exit_code == 143 and "SIGTERM" in str(e.value)
         os.kill(os.getpid(), signal.SIGTERM)  # Prefect re-sends the SIGTERM it handled: no escalation
         time.sleep(0.05)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    assert signal.getsignal(signal.SIGTERM) is term_before  # restored
     stopping.clear()
     with stopping.on_signals():
         os.kill(os.getpid(), signal.SIGINT)
@@ -63,7 +65,7 @@ def test_a_signal_requests_a_stop_and_check_raises_it():
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is int_before
     assert stopping.Stopped("cancelled").exit_code == 1
 
 
