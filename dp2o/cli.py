@@ -419,6 +419,7 @@ def _stage_command(args) -> None:
 def _inspect(target: str, rows: int, storage_options: dict | None = None) -> None:
     """A run root: one line per stage run; `<root>/<stage>`: its one finished run's manifest (or its runs); a
     stage folder: its manifest; a Parquet file: its schema and first rows."""
+    from dp2o.overview import run_line, stage_folders
     from dp2o.storage import MANIFEST, Storage
 
     so = storage_options or {}
@@ -437,9 +438,9 @@ def _inspect(target: str, rows: int, storage_options: dict | None = None) -> Non
         else:
             print(f"{s.url}: {len(runs)} runs")
             for r in runs:
-                print(_run_line(s.child(r)))
+                print(run_line(s.child(r)))
         return
-    stage_dirs = _stage_folders(s)
+    stage_dirs = stage_folders(s)
     if not stage_dirs:
         raise Dp2oError(
             f"{target}: neither a run root, a stage folder nor a <root>/<stage> folder ({MANIFEST})"
@@ -451,81 +452,7 @@ def _inspect(target: str, rows: int, storage_options: dict | None = None) -> Non
         if not fps:
             print(f"  {name:<10} not started")
         for fp in fps:
-            print(f"  {name:<10} {_run_line(folder.child(fp))}")
-
-
-def _stage_folders(root) -> list[str]:
-    """Stage folders of a run root in registry order (pipeline stages even when absent: not started; other
-    registered stages when present), then any other folder holding a run (a sub-folder with config.json)."""
-    present = [n for n in root.listdir() if not n.startswith((".", "_"))]
-    known = [st.name for st in registry.stages() if st.in_pipeline or st.name in present]
-    other = [
-        n
-        for n in present
-        if n not in known and any(root.exists(n, r, "config.json") for r in root.listdir(n))
-    ]
-    if not any(n in present for n in known) and not other:
-        return []
-    return known + other
-
-
-def _run_line(run) -> str:
-    """`<fingerprint>  <status>  rows ..  errors ..  <size>` of one stage run folder."""
-    from dp2o.storage import MANIFEST
-
-    fp = run.url.rsplit("/", 1)[-1]
-    size = _human_bytes(_folder_bytes(run))
-    if run.exists(MANIFEST):
-        m = run.read_json(MANIFEST)
-        return f"{fp}  finished, {len(m['shards'])} shard(s)  rows {m['rows']}  errors {m['errors']}  {size}"
-    done, total, markers = _progress(run)
-    rows, errors = sum(m.get("rows", 0) for m in markers), sum(m.get("errors", 0) for m in markers)
-    if total is not None:
-        status = f"in progress: {done} of {total} shards committed"
-    else:
-        status = f"in progress: {done} shards committed (total unknown)"
-    return f"{fp}  {status}  rows {rows}  errors {errors}  {size}"
-
-
-def _progress(run) -> tuple[int, int | None, list[dict]]:
-    """(shards committed, shards planned or None, their markers) of an unfinished stage run. The plan is made
-    again from the run's config.json (planning reads upstream manifests only) and used when its fingerprint
-    is the run's; else the markers of this fingerprint are counted."""
-    from dp2o.storage import MARKERS, read_marker
-
-    c = run.read_json("config.json")
-    fp = c.get("fingerprint")
-    try:
-        stage = registry.get(c["stage"])
-        cfg = stage.config.model_validate(c["config"])
-        inputs = {i.name: (c.get("upstream", {}).get(i.stage) or {}).get("url") for i in stage.inputs}
-        plan = stage.plan(cfg, inputs, run.url, storage_options=run.storage_options)
-    except Exception:  # another version's config, an upstream gone: count what is committed
-        plan = None
-    if plan is not None and plan.fingerprint == fp:
-        names, total = [sp.name for sp in plan.shards], len(plan.shards)
-    else:
-        names, total = [n[: -len(".json")] for n in run.listdir(MARKERS) if n.endswith(".json")], None
-    markers = [m for n in names if (m := read_marker(run, n, fingerprint=fp)) is not None]
-    return len(markers), total, markers
-
-
-def _folder_bytes(run) -> int | None:
-    try:
-        return int(run.fs.du(run.path, total=True))
-    except Exception:
-        return None
-
-
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "size ?"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+            print(f"  {name:<10} {run_line(folder.child(fp))}")
 
 
 def _print_manifest(run) -> None:

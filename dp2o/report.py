@@ -107,10 +107,10 @@ def _seconds_device(markers: list[dict]):
 
 
 def _run_of(stage: str, run: Storage) -> Run:
-    from dp2o.cli import _folder_bytes, _human_bytes, _progress
+    from dp2o.overview import committed_progress, folder_bytes, human_bytes
 
     fp = run.url.rsplit("/", 1)[-1]
-    size = _human_bytes(_folder_bytes(run))
+    size = human_bytes(folder_bytes(run))
     if run.exists(MANIFEST):
         m = read_manifest(run)
         names = [s["name"] for s in m["shards"]]
@@ -139,7 +139,7 @@ def _run_of(stage: str, run: Storage) -> Run:
             created=m.get("created"),
             summary=summary,
         )
-    done, total, markers = _progress(run)
+    done, total, markers = committed_progress(run)
     status = f"in progress: {done} of {total} shards committed" if total else f"in progress: {done} committed"
     seconds, device = _seconds_device(markers)
     return Run(
@@ -161,7 +161,7 @@ def _run_of(stage: str, run: Storage) -> Run:
 
 def _check_root(root: Storage, url: str) -> list[str]:
     """The stage folder names of a run root (see `dp2o inspect`); a Dp2oError naming the fix otherwise."""
-    from dp2o.cli import _stage_folders
+    from dp2o.overview import stage_folders
 
     if not root.fs.isdir(root.path):
         raise Dp2oError(
@@ -172,7 +172,7 @@ def _check_root(root: Storage, url: str) -> list[str]:
             f"report: {url} is a stage folder, not a run root; pass the run root two levels up "
             "(the folder holding degrade/, sample/, ...)"
         )
-    names = _stage_folders(root)
+    names = stage_folders(root)
     if not names:
         raise Dp2oError(
             f"report: {url} holds no stage folders (degrade/, sample/, ...); pass a run root "

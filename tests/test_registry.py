@@ -170,7 +170,11 @@ GENERIC = [
         REPO / "dp2o" / f
         for f in ("cli.py", "config.py", "deployments.py", "driver.py", "errors.py", "plan.py")
     ),
-    *(REPO / "dp2o" / f for f in ("storage.py", "schemas.py", "tario.py")),
+    *(
+        REPO / "dp2o" / f
+        for f in ("storage.py", "schemas.py", "tario.py", "overview.py", "progress.py", "charts.py")
+    ),
+    *(REPO / "dp2o" / f for f in ("stopping.py",)),
     *sorted((REPO / "flows").glob("*.py")),
     *sorted((REPO / "tasks").glob("*.py")),
 ]
