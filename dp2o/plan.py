@@ -11,6 +11,7 @@ finished runs there are an error that names them, and data is never found by glo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from hashlib import sha1
 from typing import Any
@@ -82,13 +83,17 @@ def out_url(out: str | None, root: str | None, stage: str, fp: str) -> str:
     return out or stage_url(root or "runs", stage, fp)
 
 
-def find_stage_dir(url: str, storage_options: dict | None = None) -> Storage | None:
+def find_stage_dir(
+    url: str, storage_options: dict | None = None, children: Iterable[str] | None = None
+) -> Storage | None:
     """The finished stage folder at `url` (the folder itself, or its only finished child); None if there is
-    none; an error naming them if there are several."""
+    none; an error naming them if there are several. `children`: the child folder names when the caller has
+    listed them already (only those are checked; a folder of a thousand images costs no GET per file)."""
     s = Storage(url, storage_options)
     if s.exists(MANIFEST):
         return s
-    done = [name for name in s.listdir() if s.exists(name, MANIFEST)]
+    names = s.listdir() if children is None else children
+    done = [name for name in names if s.exists(name, MANIFEST)]
     if len(done) > 1:
         raise StageError(f"{url} holds several finished runs {done}; pass one of them explicitly")
     return s.child(done[0]) if done else None

@@ -17,10 +17,11 @@ from dp2o.driver import run_pipeline, run_stage
 from dp2o.errors import StageError
 from dp2o.evaluate import at_m_summary, evaluation_seed
 from dp2o.evaluate.stage import summarize
+from dp2o.reward import METRICS, PRESETS
 from tests.helpers import make_hr_folder, tiny_pipeline_config
 
-OFFLINE_FR = {"psnr", "ssim", "fsim", "gmsd"}
-OFFLINE_NR = {"piqe", "entropy"}
+OFFLINE_FR = {n for n in PRESETS["offline"] if METRICS[n].kind == "FR"}
+OFFLINE_NR = {n for n in PRESETS["offline"] if METRICS[n].kind == "NR"}
 
 
 @pytest.fixture(scope="module")

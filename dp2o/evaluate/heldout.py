@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dp2o.errors import StageError
-from dp2o.plan import listing_hash, read_manifest
-from dp2o.storage import MANIFEST, Storage
+from dp2o.plan import find_stage_dir, listing_hash, read_manifest
+from dp2o.storage import Storage
 
 #: what a held-out folder's images may be (other files, e.g. a README, are ignored)
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"})
@@ -80,14 +80,11 @@ def _subdirs(s: Storage) -> dict[str, str]:
 
 
 def _finished_stage(s: Storage, dirs: dict[str, str]) -> Storage | None:
-    """The finished stage folder at `s` (itself, or its only finished child folder), like `plan.find_stage_dir`
-    but checking child folders only (a folder of a thousand images costs one listing, not a thousand GETs)."""
-    if s.exists(MANIFEST):
-        return s
-    done = [name for name in dirs.values() if s.exists(name, MANIFEST)]
-    if len(done) > 1:
-        raise StageError(f"evaluate: --heldout {s.url} holds several finished runs {done}; pass one of them")
-    return s.child(done[0]) if done else None
+    """The finished stage folder at `s` (itself, or its only finished child folder, of the listed `dirs`)."""
+    try:
+        return find_stage_dir(s.url, s.storage_options, children=dirs.values())
+    except StageError as e:
+        raise StageError(f"evaluate: --heldout {e}") from None
 
 
 def _by_stem(files: dict[str, tuple[str, int]], where: str) -> dict[str, tuple[str, str, int]]:
