@@ -326,10 +326,21 @@ def test_cluster_deployments_mirror_the_generated_ones():
     names = [(d["entrypoint"], d["name"]) for d in deployments]
     assert len(set(names)) == len(names)
     (pull,) = cluster["pull"]
-    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == next(
-        a for w, a in _dockerfile() if w == "WORKDIR"
-    ), "entrypoints resolve inside the image's copy of the repository"
-    variables = set(_template()["variables"]["properties"])
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "."
+    # entrypoints resolve inside the image's copy of the repository: the pod starts in the pool's app_dir,
+    # which defaults to the folder the Dockerfile puts dp2o in
+    steps = _dockerfile()
+    assert ("WORKDIR", "${APP_DIR}") in steps
+    app_dir = next(a.split("=", 1)[1] for w, a in steps if w == "ARG" and a.startswith("APP_DIR="))
+    template = _template()
+    assert template["variables"]["properties"]["app_dir"]["default"] == app_dir
+    assert (
+        template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0][
+            "workingDir"
+        ]
+        == "{{ app_dir }}"
+    )
+    variables = set(template["variables"]["properties"])
     for d in deployments:
         assert d["work_pool"]["name"] == POOL_NAME
         assert set(d["work_pool"]["job_variables"]) <= variables, d["name"]
