@@ -62,6 +62,11 @@ def _safely(what: str, fn, *args, **kwargs) -> Any:
         return None
 
 
+def _link(key: str, url: str, description: str) -> None:
+    """A link artifact to `url` (a browsable form of it; the URL itself as its text), never failing the run."""
+    _safely(key, create_link_artifact, browsable(url), link_text=url, key=key, description=description)
+
+
 class Progress:
     """The stage's progress artifact: created at the start, then moved as shards commit."""
 
@@ -190,23 +195,8 @@ def publish_stage(plan: StagePlan, manifest: dict, fresh: list[dict] | None = No
         description=f"{plan.stage}: {len(manifest.get('shards', []))} shards, {manifest.get('rows')} rows, "
         f"{manifest.get('errors')} errors",
     )
-    _safely(
-        "output",
-        create_link_artifact,
-        browsable(url),
-        link_text=url,
-        key=artifact_key(plan.stage, url, "output"),
-        description=f"{plan.stage} output folder",
-    )
-    manifest_url = plan.out.join_url(MANIFEST)
-    _safely(
-        "manifest",
-        create_link_artifact,
-        browsable(manifest_url),
-        link_text=manifest_url,
-        key=artifact_key(plan.stage, url, "manifest"),
-        description=f"{plan.stage} manifest",
-    )
+    _link(artifact_key(plan.stage, url, "output"), url, f"{plan.stage} output folder")
+    _link(artifact_key(plan.stage, url, "manifest"), plan.out.join_url(MANIFEST), f"{plan.stage} manifest")
     stage = registry.get(plan.stage)
     if stage.describe is None:
         return
@@ -228,12 +218,9 @@ def publish_run(root: str, record: dict) -> None:
         f"{record['summary'].strip()}\n```",
     )
     if record.get("report"):
-        _safely(
-            "report",
-            create_link_artifact,
-            browsable(record["report"]),
-            link_text=record["report"],
-            key=artifact_key("pipeline", root, "report"),
-            description="the run's HTML report: stages, sampled inputs with their ranked candidates and pairs, "
-            "reward histograms, the loss curve, evaluation (dp2o report)",
+        _link(
+            artifact_key("pipeline", root, "report"),
+            record["report"],
+            "the run's HTML report: stages, sampled inputs with their ranked candidates and pairs, reward "
+            "histograms, the loss curve, evaluation (dp2o report)",
         )
