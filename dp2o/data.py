@@ -1,8 +1,12 @@
 """Bundled HR photos: colour photographs that ship inside the wheels of dp2o's own dependencies (scikit-image,
-matplotlib, scikit-learn), so the demo and the miniature reproduction need no download.
+matplotlib, scikit-learn, pyiqa), so the demo and the miniature reproduction need no download.
 
-`bundled://train` and `bundled://heldout` are accepted wherever an HR source URL is; they resolve to files in
-the installed packages. The held-out split is never used for training or pretraining.
+`bundled://train`, `bundled://heldout`, `bundled://extra` and `bundled://all` are accepted wherever an HR source
+URL is; they resolve to files in the installed packages. The held-out split is never used for training or
+pretraining. `extra` holds nine more photographs that pyiqa's wheel installs (five Kodak-derived reference images
+of its calibration set, four of its speed-test photos); the tiny model never saw them, and the controlled
+miniature (docs/mini_controls.md) splits them between its training and held-out photos. `all` stays the 11
+photos of `train` and `heldout`, which the recorded speed figures were measured on.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ BUNDLED_PHOTOS: dict[str, tuple[str, ...]] = {
         "ihc.png",
     ),
     "heldout": ("coffee.png", "rocket.jpg", "grace_hopper.jpg", "china.jpg", "flower.jpg"),
+    "extra": (
+        "I03.bmp",
+        "I04.bmp",
+        "I06.bmp",
+        "I08.bmp",
+        "I19.bmp",
+        "SPAQ_10241.jpg",
+        "frame_4wrwr48cdk6rbcjl.jpg",
+        "frame_7gzdcz9sif0ekg31.jpg",
+        "frame_9ogwhvvy7gfj6jzh.jpg",
+    ),
 }
 
 #: where each package keeps its sample photos: import name -> (folder inside the package, name to pip install)
@@ -39,6 +54,19 @@ _PHOTO_PACKAGE: dict[str, str] = {
     "grace_hopper.jpg": "matplotlib",
     "china.jpg": "sklearn",
     "flower.jpg": "sklearn",
+}
+#: photos that pyiqa's wheel installs beside (not inside) its package, as files of its distribution record
+_PYIQA_FILES: dict[str, str] = {
+    **{f"I{k}.bmp": f"ResultsCalibra/ref_dir/I{k}.bmp" for k in ("03", "04", "06", "08", "19")},
+    **{
+        name: f"tests/test_efficiency_img_dir/{name}"
+        for name in (
+            "SPAQ_10241.jpg",
+            "frame_4wrwr48cdk6rbcjl.jpg",
+            "frame_7gzdcz9sif0ekg31.jpg",
+            "frame_9ogwhvvy7gfj6jzh.jpg",
+        )
+    },
 }
 
 
@@ -58,8 +86,22 @@ def bundled_dir() -> Path:
     return package_dir("skimage")
 
 
+def pyiqa_file(name: str) -> Path:
+    """The installed file of one of the photos pyiqa's wheel ships (they sit in site-packages beside `pyiqa/`)."""
+    from importlib import metadata
+
+    try:
+        return Path(str(metadata.distribution("pyiqa").locate_file(_PYIQA_FILES[name])))
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the bundled photo {name} ships with pyiqa, which is not installed; pip install pyiqa"
+        ) from None
+
+
 def bundled_path(name: str) -> Path:
     """The installed file of one bundled photo."""
+    if name in _PYIQA_FILES:
+        return pyiqa_file(name)
     package = _PHOTO_PACKAGE.get(name, "skimage")
     return (bundled_dir() if package == "skimage" else package_dir(package)) / name
 
@@ -72,7 +114,9 @@ def bundled_files(uri: str) -> list[Path]:
     """Paths of the photos named by `bundled://<split>` (`train`, `heldout` or `all`)."""
     split = uri[len(BUNDLED_SCHEME) :].strip("/")
     if split == "all":
-        names = BUNDLED_PHOTOS["train"] + BUNDLED_PHOTOS["heldout"]
+        names = (
+            BUNDLED_PHOTOS["train"] + BUNDLED_PHOTOS["heldout"]
+        )  # the 11 the speed figures were measured on
     elif split in BUNDLED_PHOTOS:
         names = BUNDLED_PHOTOS[split]
     else:
@@ -85,7 +129,7 @@ def bundled_files(uri: str) -> list[Path]:
     if missing:
         packages = sorted(
             {
-                _PACKAGE_DIRS[_PHOTO_PACKAGE.get(n, "skimage")][1]
+                "pyiqa" if n in _PYIQA_FILES else _PACKAGE_DIRS[_PHOTO_PACKAGE.get(n, "skimage")][1]
                 for n, p in zip(names, paths, strict=True)
                 if not p.exists()
             }
