@@ -52,6 +52,21 @@ def finite(values: Sequence[Any]) -> list[float]:
     return out
 
 
+def finite_array(values: Any):
+    """The finite numbers of `values` as a float64 numpy array: a numpy array or pyarrow array is converted
+    without a Python loop (nulls become NaN and are dropped), so millions of rows cost milliseconds."""
+    import numpy as np
+
+    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):  # pyarrow Array / ChunkedArray
+        values = values.to_numpy(zero_copy_only=False)
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):  # a list holding None
+        a = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    a = a.reshape(-1)
+    return a[np.isfinite(a)]
+
+
 def rounded(v: Any, digits: int = 4) -> Any:
     """A number for a table cell: rounded, NaN/inf as None; anything else unchanged."""
     if isinstance(v, bool) or v is None:
@@ -66,16 +81,18 @@ def rounded(v: Any, digits: int = 4) -> Any:
 def histogram(values: Sequence[Any], bins: int = 10, width: int = 30) -> list[dict[str, Any]]:
     """A small histogram table of the finite `values`: one row per bin (`from`, `to`, `count`, a text bar);
     values equal to the top edge count in the last bin. No finite value: no rows."""
-    xs = finite(values)
-    if not xs:
+    import numpy as np
+
+    xs = finite_array(values)
+    if not xs.size:
         return []
-    lo, hi = min(xs), max(xs)
+    lo, hi = float(xs.min()), float(xs.max())
     if hi == lo:
-        return [{"from": rounded(lo), "to": rounded(hi), "count": len(xs), "bar": BAR * width}]
+        return [{"from": rounded(lo), "to": rounded(hi), "count": int(xs.size), "bar": BAR * width}]
     step = (hi - lo) / bins
-    counts = [0] * bins
-    for x in xs:
-        counts[min(bins - 1, int((x - lo) / step))] += 1
+    # floor((x - lo) / step), values on the top edge in the last bin
+    index = np.minimum(bins - 1, ((xs - lo) / step).astype(np.int64))
+    counts = [int(c) for c in np.bincount(index, minlength=bins)]
     top = max(counts)
     return [
         {
@@ -119,14 +136,14 @@ def sample_indices(n: int, k: int) -> list[int]:
 
 def summary(values: Sequence[Any]) -> dict[str, Any]:
     """count, min, mean, max of the finite `values` (None where there are none)."""
-    xs = finite(values)
-    if not xs:
+    xs = finite_array(values)
+    if not xs.size:
         return {"count": 0, "min": None, "mean": None, "max": None}
     return {
-        "count": len(xs),
-        "min": rounded(min(xs)),
-        "mean": rounded(sum(xs) / len(xs)),
-        "max": rounded(max(xs)),
+        "count": int(xs.size),
+        "min": rounded(float(xs.min())),
+        "mean": rounded(float(xs.mean())),
+        "max": rounded(float(xs.max())),
     }
 
 

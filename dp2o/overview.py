@@ -4,6 +4,8 @@ status (finished, or k of n shards committed), rows, errors and size. `dp2o insp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dp2o import registry
 
 
@@ -22,22 +24,54 @@ def stage_folders(root) -> list[str]:
     return known + other
 
 
-def run_line(run) -> str:
-    """`<fingerprint>  <status>  rows ..  errors ..  <size>` of one stage run folder."""
+@dataclass
+class RunStatus:
+    """What storage says about one stage run folder: finished (manifest) or k of n shards committed (markers)."""
+
+    fingerprint: str
+    finished: bool
+    status: str
+    manifest: dict | None
+    markers: list[dict]
+    shards: int | None
+    rows: int
+    errors: int
+    size: str
+
+
+def run_status(run) -> RunStatus:
+    """The status of one stage run folder, read from its manifest, or from its markers while unfinished."""
     from dp2o.storage import MANIFEST
 
     fp = run.url.rsplit("/", 1)[-1]
     size = human_bytes(folder_bytes(run))
     if run.exists(MANIFEST):
         m = run.read_json(MANIFEST)
-        return f"{fp}  finished, {len(m['shards'])} shard(s)  rows {m['rows']}  errors {m['errors']}  {size}"
+        n = len(m["shards"])
+        return RunStatus(
+            fp,
+            True,
+            f"finished, {n} shard(s)",
+            m,
+            [],
+            n,
+            int(m.get("rows", 0)),
+            int(m.get("errors", 0)),
+            size,
+        )
     done, total, markers = committed_progress(run)
-    rows, errors = sum(m.get("rows", 0) for m in markers), sum(m.get("errors", 0) for m in markers)
     if total is not None:
         status = f"in progress: {done} of {total} shards committed"
     else:
         status = f"in progress: {done} shards committed (total unknown)"
-    return f"{fp}  {status}  rows {rows}  errors {errors}  {size}"
+    rows, errors = sum(m.get("rows", 0) for m in markers), sum(m.get("errors", 0) for m in markers)
+    return RunStatus(fp, False, status, None, markers, total, rows, errors, size)
+
+
+def run_line(run) -> str:
+    """`<fingerprint>  <status>  rows ..  errors ..  <size>` of one stage run folder."""
+    s = run_status(run)
+    return f"{s.fingerprint}  {s.status}  rows {s.rows}  errors {s.errors}  {s.size}"
 
 
 def committed_progress(run) -> tuple[int, int | None, list[dict]]:

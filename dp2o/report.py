@@ -107,55 +107,38 @@ def _seconds_device(markers: list[dict]):
 
 
 def _run_of(stage: str, run: Storage) -> Run:
-    from dp2o.overview import committed_progress, folder_bytes, human_bytes
+    from dp2o.overview import run_status
 
-    fp = run.url.rsplit("/", 1)[-1]
-    size = human_bytes(folder_bytes(run))
-    if run.exists(MANIFEST):
-        m = read_manifest(run)
-        names = [s["name"] for s in m["shards"]]
-        seconds, device = _seconds_device(_markers(run, names))
+    st = run_status(run)
+    if st.finished:
+        m = st.manifest
+        seconds, device = _seconds_device(_markers(run, [s["name"] for s in m["shards"]]))
         device = device or (m.get("stats") or {}).get("device")
         summary: list[str] = []
-        st = registry.get(stage) if stage in registry.names() else None
-        if st is not None and st.summarize is not None:
+        spec = registry.get(stage) if stage in registry.names() else None
+        if spec is not None and spec.summarize is not None:
             try:
-                summary = [line.strip() for line in st.summarize({**m, "url": run.url})]
+                summary = [line.strip() for line in spec.summarize({**m, "url": run.url})]
             except Exception:  # a report never fails on a summary line (e.g. a manifest of another version)
                 summary = []
-        return Run(
-            stage=stage,
-            dir=run,
-            fingerprint=fp,
-            finished=True,
-            status=f"finished, {len(names)} shard(s)",
-            manifest=m,
-            shards=len(names),
-            rows=int(m.get("rows", 0)),
-            errors=int(m.get("errors", 0)),
-            seconds=seconds,
-            device=device,
-            size=size,
-            created=m.get("created"),
-            summary=summary,
-        )
-    done, total, markers = committed_progress(run)
-    status = f"in progress: {done} of {total} shards committed" if total else f"in progress: {done} committed"
-    seconds, device = _seconds_device(markers)
+    else:
+        seconds, device = _seconds_device(st.markers)
+        summary = []
     return Run(
         stage=stage,
         dir=run,
-        fingerprint=fp,
-        finished=False,
-        status=status,
-        manifest=None,
-        shards=total,
-        rows=sum(m.get("rows", 0) for m in markers),
-        errors=sum(m.get("errors", 0) for m in markers),
+        fingerprint=st.fingerprint,
+        finished=st.finished,
+        status=st.status,
+        manifest=st.manifest,
+        shards=st.shards,
+        rows=st.rows,
+        errors=st.errors,
         seconds=seconds,
         device=device,
-        size=size,
-        created=None,
+        size=st.size,
+        created=st.manifest.get("created") if st.manifest else None,
+        summary=summary,
     )
 
 

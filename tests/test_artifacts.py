@@ -71,6 +71,24 @@ def test_describe_helpers():
     h = d.histogram([0, 1, 2, 3, 4, 4, None, float("nan")], bins=4)
     assert [r["count"] for r in h] == [1, 1, 1, 3]
     assert d.histogram([]) == [] and d.histogram([2, 2])[0]["count"] == 2
+
+
+def test_histogram_and_summary_take_columns_without_a_python_loop():
+    """A stage's column goes to the histogram as it is (pyarrow, with nulls; numpy, with NaN and inf), with the
+    same bins as a plain list; a million rows are counted whole."""
+    import numpy as np
+    import pyarrow as pa
+
+    from dp2o import describe as d
+
+    values = [0, 1, 2, 3, 4, 4, None, float("nan"), float("inf")]
+    as_list = d.histogram(values, bins=4)
+    column = pa.chunked_array([pa.array(values[:4], pa.float64()), pa.array(values[4:], pa.float64())])
+    assert d.histogram(column, bins=4) == as_list
+    assert d.histogram(np.array(values, dtype=float), bins=4) == as_list
+    assert d.summary(column) == {"count": 6, "min": 0.0, "mean": 2.3333, "max": 4.0}
+    big = pa.array(np.random.default_rng(0).random(1_000_000))
+    assert sum(r["count"] for r in d.histogram(big, bins=20)) == 1_000_000
     assert d.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
     assert len(d.sparkline(range(1000), width=40)) == 40
     assert d.correlation([1, 2, 3], [2, 4, 6]) == 1.0 and d.correlation([1, 1], [1, 2]) is None

@@ -204,7 +204,7 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
     out = [d.table("pairs-counts", counts, "groups used and skipped, pairs written")]
     t = read_stage_table(storage, ["weight"]) if manifest.get("rows") else None
     if t is not None and t.num_rows:
-        w = t["weight"].to_pylist()
+        w = t["weight"]
         s = d.summary(w)
         out.append(
             d.table(

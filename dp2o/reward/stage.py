@@ -101,11 +101,11 @@ def describe(manifest: dict, url: str, storage) -> list[dict]:
     t = read_stage_table(storage)
     if t.num_rows == 0:
         return []
-    reward = t["reward"].to_pylist()
+    reward = t["reward"]
     st = d.summary(reward)
     names = scored_metric_names(manifest, t)
     pictures = [charts.markdown_image("reward", charts.histogram_svg("hybrid reward", reward))] + [
-        charts.markdown_image(n, charts.histogram_svg(f"{n} (raw)", t[n].to_pylist(), width=240, height=150))
+        charts.markdown_image(n, charts.histogram_svg(f"{n} (raw)", t[n], width=240, height=150))
         for n in names
         if n in t.column_names
     ]
