@@ -87,7 +87,9 @@ def prefect_server(tmp: Path) -> Iterator[Server]:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited ({proc.returncode}): {server.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"prefect server exited ({proc.returncode}): {server.log.read_text()[-2000:]}"
+                )
             try:
                 if httpx.get(f"{server.api}/health", timeout=2).status_code == 200:
                     break

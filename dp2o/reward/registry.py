@@ -391,7 +391,11 @@ def column_doc(name: str):
     spec = METRICS.get(name)
     if spec is None:
         return Column(f"raw score of metric {name}")
-    role = "full-reference: fidelity to the HR crop" if spec.kind == "FR" else "no-reference: realism of the output"
+    role = (
+        "full-reference: fidelity to the HR crop"
+        if spec.kind == "FR"
+        else "no-reference: realism of the output"
+    )
     lo, hi = spec.score_range
     rng = f"nominal range [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
     note = spec.note or spec.pyiqa_name
