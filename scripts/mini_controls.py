@@ -52,6 +52,7 @@ from dp2o.models.tiny import TinyBackend, bundled_weights_dir
 from dp2o.pairs.build import build_pairs
 from dp2o.reward.hybrid import RewardConfig
 from dp2o.seeding import derive_seed, numpy_rng, torch_generator
+from scripts.mini_repro import MemoryImages, _exit_with_parent
 
 PROTOCOL = Path("docs/mini_controls/protocol.json")
 ARMS = ("dp2o", "shuffled", "sft-winners", "fidelity-only", "realism-only")
@@ -145,22 +146,6 @@ def load_base(proto: dict, model_dir: str) -> TinyBackend:
     backend = TinyBackend.from_pretrained(model_dir)
     backend.num_inference_steps = proto["num_inference_steps"]
     return backend
-
-
-class MemoryImages:
-    """`train_dpo`'s `images` argument, backed by tensors in memory."""
-
-    def __init__(self, ids: list[str], candidates: torch.Tensor, lr: torch.Tensor):
-        self.row = {s: i for i, s in enumerate(ids)}
-        self.cands, self.lr01 = candidates, lr.float() / 255
-
-    def candidates(self, sample_ids, candidate_ids) -> torch.Tensor:
-        return torch.stack(
-            [self.cands[self.row[s], int(c)] for s, c in zip(sample_ids, candidate_ids, strict=True)]
-        )
-
-    def lr(self, sample_ids) -> torch.Tensor:
-        return self.lr01[[self.row[s] for s in sample_ids]]
 
 
 def eval_metric_names(proto: dict) -> list[str]:
@@ -261,6 +246,10 @@ def loss_tail(metrics: pa.Table, fraction: float = 0.1) -> tuple[float, float]:
     return float(np.mean(tail["loss"])), float(np.mean(tail["implicit_acc"]))
 
 
+def pc_sub(a, b) -> np.ndarray:
+    return np.asarray(a.to_numpy(), dtype=np.float64) - np.asarray(b.to_numpy(), dtype=np.float64)
+
+
 def train_arm(proto: dict, model_dir: str, arm: str, seed: int, data: dict, rewards: dict, log) -> tuple:
     """Fine-tune a fresh copy of the base model as arm `arm` with training seed `seed` → (backend, record)."""
     import tempfile
@@ -284,11 +273,16 @@ def train_arm(proto: dict, model_dir: str, arm: str, seed: int, data: dict, rewa
     with tempfile.TemporaryDirectory() as tmp:
         result = train_dpo(backend, pairs, images, cfg, Storage(tmp), log=log)
     loss, acc = loss_tail(result.metrics)
+    m = result.metrics
     record.update(
-        loss_first=float(result.metrics["loss"][0].as_py()),
+        loss_first=float(m["loss"][0].as_py()),
         loss_last10pct=loss,
         implicit_acc_last10pct=acc,
-        loss_curve=[float(x) for x in result.metrics["loss"].to_numpy()],
+        loss_curve=[float(x) for x in m["loss"].to_numpy()],
+        # how the policy's denoising error moved against the frozen reference's on winners and on losers, per
+        # step: DPO's loss falls whenever the loser's rises more than the winner's, even if both rise
+        err_w_minus_ref=[float(x) for x in pc_sub(m["err_w"], m["err_ref_w"])],
+        err_l_minus_ref=[float(x) for x in pc_sub(m["err_l"], m["err_ref_l"])],
     )
     return backend, record
 
@@ -366,8 +360,6 @@ _WORKER: dict = {}
 def _init_worker(proto: dict, model_dir: str, shared: dict, threads: int) -> None:
     torch.set_num_threads(threads)
     if multiprocessing.parent_process() is not None:
-        from scripts.mini_repro import _exit_with_parent
-
         _exit_with_parent()
     data = dict(shared["data"])
     hybrid = RewardModel(proto["reward_metrics"], RewardConfig())
@@ -631,6 +623,42 @@ def report_tables(proto: dict, result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_effects(proto: dict, result: dict, path: Path) -> None:
+    """One panel per statistic (hybrid reward, fidelity metric, realism metric): per arm, the 10 photos' effects
+    as dots and the mean with its t-interval over photos as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ["reward", proto["fidelity_metric"], proto["realism_metric"]]
+    arms = list(result["effects"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for ax, col in zip(axes, columns, strict=True):
+        for i, arm in enumerate(arms):
+            e = result["effects"][arm][col]
+            ax.scatter([i] * len(e["per_photo"]), e["per_photo"], s=12, color="#99a", zorder=2)
+            ax.errorbar(
+                [i],
+                [e["mean"]],
+                yerr=[[e["mean"] - e["t_lo"]], [e["t_hi"] - e["mean"]]],
+                fmt="o",
+                color="#c44e52",
+                capsize=4,
+                zorder=3,
+            )
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+        ax.set_title(f"Δ {col} vs base ({UNITS.get(col, '')})", fontsize=10)
+    fig.suptitle(
+        "held-out photos: per-photo effect (dots), mean and 95 % t-interval over photos (red)", fontsize=10
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", type=Path, default=PROTOCOL, help="the protocol file (every parameter)")
@@ -713,6 +741,17 @@ def main(argv=None) -> None:
     write_atomic_json(result, out)
     if result["effects"]:
         print(report_tables(proto, result))
+        if not args.pilot:
+            plot_effects(proto, result, out.with_name("effects.png"))
+            out.with_name("results.md").write_text(
+                "# Controlled miniature: generated tables\n\n"
+                f"Written by `python -m scripts.mini_controls` from the runs in `{work}` (protocol file hash "
+                f"{result['protocol_sha256_16']}); the protocol and the discussion are in docs/mini_controls.md.\n"
+                "Per arm: held-out Mean@M − base, mean over photos of the per-photo mean over seeds, [95 % "
+                "t-interval over photos] (boot [95 % photo × seed bootstrap]).\n\n"
+                + report_tables(proto, result)
+                + "\n"
+            )
     print(f"wrote {out}")
 
 
