@@ -226,6 +226,18 @@ def test_bundled_photos_are_listed_and_load():
     assert {r.relpath for r in list_sources("bundled://train")}.isdisjoint(names)
 
 
+def test_the_extra_photos_from_pyiqa_are_a_source_the_config_accepts():
+    from dp2o.config import DegradeConfig
+
+    refs = list_sources("bundled://extra")
+    assert len(refs) == 9 and all(load_hr(r, min_size=256).shape[2] == 3 for r in refs)
+    assert DegradeConfig(input="bundled://extra").input == "bundled://extra"
+    # `all` stays the 11 photos the recorded speed figures were measured on
+    assert len(list_sources("bundled://all")) == 11
+    with pytest.raises(ValueError, match="bundled://extra"):
+        DegradeConfig(input="bundled://nope")
+
+
 def test_crop_origin_is_deterministic_in_range_and_seed_dependent():
     assert crop_origin(600, 800, 512, 42) == crop_origin(600, 800, 512, 42)
     origins = {crop_origin(600, 800, 512, s) for s in range(50)}

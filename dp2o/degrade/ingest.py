@@ -2,7 +2,7 @@
 
 `list_sources` turns one URL into a sorted list of `SourceRef`s: a local folder (recursive), any fsspec URL
 (s3://, memory://, file://), a single file, webdataset `.tar` shards (each image member is one source) given
-as a file, folder, glob or brace pattern (`shards-{000..009}.tar`), or `bundled://train|heldout|all`.
+as a file, folder, glob or brace pattern (`shards-{000..009}.tar`), or `bundled://train|heldout|extra|all`.
 Listing rule: files (and tar members) with an image extension (png jpg jpeg webp bmp tif tiff, any case) and
 files with an unknown or no extension are listed — the latter so that a mislabelled or broken file becomes
 an error row instead of silently vanishing; obvious non-images (txt json jsonl md csv tsv parquet yaml yml
