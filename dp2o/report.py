@@ -41,6 +41,7 @@ from dp2o import describe as d
 from dp2o import registry
 from dp2o.charts import histogram_svg, line_svg
 from dp2o.errors import Dp2oError, StageError
+from dp2o.overview import RunStatus, run_status, stage_folders
 from dp2o.plan import read_manifest, read_stage_table, resolve_stage_dir
 from dp2o.storage import MANIFEST, MARKERS, Storage, read_parquet
 
@@ -61,21 +62,14 @@ IMAGE_STAGES = ("degrade", "sample")
 
 
 @dataclass
-class Run:
-    """One `<root>/<stage>/<fingerprint>` folder: its status and what its manifest (or markers) say."""
+class Run(RunStatus):
+    """One `<root>/<stage>/<fingerprint>` folder: its status (`dp2o.overview.RunStatus`), plus the timing,
+    device and summary lines the report shows."""
 
     stage: str
     dir: Storage
-    fingerprint: str
-    finished: bool
-    status: str
-    manifest: dict | None
-    shards: int | None
-    rows: int
-    errors: int
     seconds: float | None
     device: str | None
-    size: str
     created: str | None
     summary: list[str] = field(default_factory=list)
 
@@ -107,8 +101,6 @@ def _seconds_device(markers: list[dict]):
 
 
 def _run_of(stage: str, run: Storage) -> Run:
-    from dp2o.overview import run_status
-
     st = run_status(run)
     if st.finished:
         m = st.manifest
@@ -125,18 +117,11 @@ def _run_of(stage: str, run: Storage) -> Run:
         seconds, device = _seconds_device(st.markers)
         summary = []
     return Run(
+        **vars(st),
         stage=stage,
         dir=run,
-        fingerprint=st.fingerprint,
-        finished=st.finished,
-        status=st.status,
-        manifest=st.manifest,
-        shards=st.shards,
-        rows=st.rows,
-        errors=st.errors,
         seconds=seconds,
         device=device,
-        size=st.size,
         created=st.manifest.get("created") if st.manifest else None,
         summary=summary,
     )
@@ -144,8 +129,6 @@ def _run_of(stage: str, run: Storage) -> Run:
 
 def _check_root(root: Storage, url: str) -> list[str]:
     """The stage folder names of a run root (see `dp2o inspect`); a Dp2oError naming the fix otherwise."""
-    from dp2o.overview import stage_folders
-
     if not root.fs.isdir(root.path):
         raise Dp2oError(
             f"report: {url} is not a folder; pass a run root (the --root of `dp2o run`, e.g. runs/demo)"

@@ -203,15 +203,12 @@ def train_sft(backend: TinyBackend, pairs: pa.Table, images: MemoryImages, cfg, 
     """Supervised fine-tuning on the winners of `pairs` with DPO's budget: the same steps, pair order (the
     winner of each drawn pair is the target), timesteps, noise, optimiser, warm-up and clipping as `train_dpo`
     with the same config; the loss is the weighted denoising error of the policy alone."""
-    from dp2o.train.loop import pair_indices
+    from dp2o.train.loop import optimiser, pair_indices
 
     sample_ids = np.asarray(pairs["sample_id"].to_pylist(), dtype=object)
     win = pairs["win"].to_numpy()
     weight = pairs["weight"].to_numpy().astype(np.float32)
-    params = [p for p in backend.trainable_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    warm = cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    params, opt, sched = optimiser(backend, cfg)
     backend.train()
     losses = []
     for step in range(cfg.steps):
@@ -246,7 +243,8 @@ def loss_tail(metrics: pa.Table, fraction: float = 0.1) -> tuple[float, float]:
     return float(np.mean(tail["loss"])), float(np.mean(tail["implicit_acc"]))
 
 
-def pc_sub(a, b) -> np.ndarray:
+def _minus(a, b) -> np.ndarray:
+    """a − b of two pyarrow columns, as float64."""
     return np.asarray(a.to_numpy(), dtype=np.float64) - np.asarray(b.to_numpy(), dtype=np.float64)
 
 
@@ -281,8 +279,8 @@ def train_arm(proto: dict, model_dir: str, arm: str, seed: int, data: dict, rewa
         loss_curve=[float(x) for x in m["loss"].to_numpy()],
         # how the policy's denoising error moved against the frozen reference's on winners and on losers, per
         # step: DPO's loss falls whenever the loser's rises more than the winner's, even if both rise
-        err_w_minus_ref=[float(x) for x in pc_sub(m["err_w"], m["err_ref_w"])],
-        err_l_minus_ref=[float(x) for x in pc_sub(m["err_l"], m["err_ref_l"])],
+        err_w_minus_ref=[float(x) for x in _minus(m["err_w"], m["err_ref_w"])],
+        err_l_minus_ref=[float(x) for x in _minus(m["err_l"], m["err_ref_l"])],
     )
     return backend, record
 

@@ -59,15 +59,15 @@ def test_registry_rows():
 
 
 def test_pyiqa_gets_exactly_the_stored_numbers(scorer):
-    from dp2o.reward.classical import BRISQUE_FILE, NIQE_FILE, bundled_file, load_params
+    from dp2o.reward.classical import BRISQUE_FILE, NIQE_FILE, PARAMS_DIR, load_params
 
-    niqe = load_params(bundled_file(NIQE_FILE))
+    niqe = load_params(PARAMS_DIR / NIQE_FILE)
     net = scorer.metrics["niqe"].net
     assert np.array_equal(net.mu_pris_param.numpy(), niqe["mu_pris_param"])
     assert np.array_equal(net.cov_pris_param.numpy(), niqe["cov_pris_param"])
     assert niqe["cov_pris_param"].shape == (36, 36)
 
-    svr = load_params(bundled_file(BRISQUE_FILE))
+    svr = load_params(PARAMS_DIR / BRISQUE_FILE)
     net = scorer.metrics["brisque"].net
     assert np.array_equal(net.sv.numpy(), svr["sv"]) and np.array_equal(net.sv_coef.numpy(), svr["sv_coef"])
     assert svr["sv"].shape == (774, 36)
@@ -93,14 +93,10 @@ def test_niqe_refuses_crops_smaller_than_one_block(scorer):
 
 
 def test_a_missing_parameter_file_is_named_with_the_fix(monkeypatch, tmp_path):
-    from dp2o.reward import registry
+    from dp2o.reward import classical
 
-    real = registry.weight_location
-
-    def moved(weight):
-        return str(tmp_path / weight.name) if weight.location == "dp2o" else real(weight)
-
-    monkeypatch.setattr(registry, "weight_location", moved)
+    # the one place dp2o's parameter files are found: both the presence check and the builder read it
+    monkeypatch.setattr(classical, "PARAMS_DIR", tmp_path)
     with pytest.raises(MetricWeightsMissing) as err:
         MetricScorer(resolve_metrics("brisque"))
     message = str(err.value)

@@ -9,6 +9,7 @@ score, reward, pairs and train fingerprints; degrade and sample unchanged)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,15 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: `python -m scripts.pin_outputs <root>` of `dp2o demo --orchestrator local --root <root>` at the commit that
 #: last changed a result on purpose (see the module doc)
 PINNED = REPO / "tests" / "data" / "demo_outputs.json"
-#: the demo's stage fingerprints (`make demo` config)
-FINGERPRINTS = {
-    "degrade": "629f335a98e36abb",
-    "sample": "a9b478b228047ef7",
-    "score": "6fedb4fb2076a0fa",
-    "reward": "a261528fd98a9ae4",
-    "pairs": "aadb442d792614fc",
-    "train": "18249e8360409d25",
-}
+#: the demo's stage fingerprints (`make demo` config), as pinned with its output files
+FINGERPRINTS = {s: v["fingerprint"] for s, v in json.loads(PINNED.read_text()).items()}
 
 
 def _plan_only(plan) -> StageResult:

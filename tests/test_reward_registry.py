@@ -102,6 +102,7 @@ def test_presets():
     # nothing to download: the only parameter file (BRISQUE's SVR) ships inside dp2o
     assert not missing_weights(offline)
     assert {w.location for s in offline for w in s.weights} <= {"dp2o"}
+    assert not any(s.needs_weights for s in offline)
     assert {s.kind for s in offline} == {"FR", "NR"}
     assert set(PRESETS) == {"paper", "offline"}
 

@@ -78,11 +78,6 @@ def _write_brisque_pth(params: dict[str, np.ndarray], folder: Path) -> Path:
 _WRITERS = {NIQE_FILE: _write_niqe_mat, BRISQUE_FILE: _write_brisque_pth}
 
 
-def bundled_file(name: str) -> Path:
-    """The installed path of a parameter file of `dp2o/weights/iqa/`."""
-    return PARAMS_DIR / name
-
-
 def _check_brisque_constants(metric, params: dict[str, np.ndarray]) -> None:
     net = getattr(metric, "net", metric)
     for key in ("gamma", "rho"):
@@ -101,7 +96,7 @@ def create_pyiqa_metric(pyiqa_name: str, param_file: str, device, **kwargs):
 
     if param_file not in _WRITERS:
         raise ValueError(f"no converter for parameter file {param_file!r}; known: {', '.join(_WRITERS)}")
-    params = load_params(bundled_file(param_file))
+    params = load_params(PARAMS_DIR / param_file)
     with tempfile.TemporaryDirectory(prefix="dp2o-iqa-") as tmp:
         path = _WRITERS[param_file](params, Path(tmp))
         metric = pyiqa.create_metric(pyiqa_name, device=device, pretrained_model_path=str(path), **kwargs)

@@ -70,7 +70,8 @@ class MetricSpec:
 
     @property
     def needs_weights(self) -> bool:
-        return bool(self.weights)
+        """Whether a weight file must be downloaded (parameter files that ship inside dp2o do not count)."""
+        return any(w.location != "dp2o" for w in self.weights)
 
 
 def _pyiqa(name: str) -> WeightFile:
@@ -335,9 +336,9 @@ def weight_location(weight: WeightFile) -> str:
     if weight.location == "clip":
         return os.path.join(_torch_hub_dir(), "clip", weight.name)
     if weight.location == "dp2o":
-        return os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "iqa", weight.name
-        )
+        from dp2o.reward.classical import PARAMS_DIR
+
+        return str(PARAMS_DIR / weight.name)
     from huggingface_hub import constants
 
     return os.path.join(constants.HF_HUB_CACHE, "models--" + weight.name.replace("/", "--"))

@@ -175,6 +175,15 @@ def _quiet(_: str) -> None:
     """The log of ranks other than 0."""
 
 
+def optimiser(backend: Backend, cfg: TrainConfig):
+    """(trainable parameters, AdamW, linear warm-up schedule) of `cfg` for `backend`'s policy."""
+    params = [p for p in backend.trainable_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return params, opt, sched
+
+
 # ---- the loop --------------------------------------------------------------------------------------------------------
 
 
@@ -211,10 +220,7 @@ def train_dpo(
     )
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[backend.prediction_type]
 
-    params = [p for p in backend.trainable_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    warm = cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    params, opt, sched = optimiser(backend, cfg)
 
     metrics: list[dict] = []
     # rank 0 picks the checkpoint and every rank loads that one (rank 0 only deletes old ones after this step)
