@@ -47,6 +47,7 @@ from dp2o.degrade.crops import degraded_crops
 from dp2o.degrade.ingest import SourceRef, load_hr
 from dp2o.degrade.pipeline import min_hr_side
 from dp2o.evaluate import sample_candidates
+from dp2o.evaluate.at_m import t_interval
 from dp2o.evaluate.scoring import RewardModel
 from dp2o.models.tiny import TinyBackend, bundled_weights_dir
 from dp2o.pairs.build import build_pairs
@@ -436,18 +437,6 @@ def run_all(proto: dict, jobs: list[tuple[str, int]], shared: dict, model_dir: s
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
-def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student-t interval of `values` (NaN interval for fewer than two)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def per_photo_seed(runs: pa.Table, base: pa.Table, column: str) -> tuple[list[str], list[int], np.ndarray]:
     """Arm − base of the mean of `column` per (photo, seed): matrix [photos, seeds] for one arm's rows."""
     photos = sorted(set(base["photo"].to_pylist()))

@@ -47,13 +47,15 @@ THRESHOLD = 0.8
 
 
 def t_interval(values: np.ndarray) -> list[float]:
-    """95 % Student-t interval of the mean (NaN bounds with fewer than two values)."""
+    """95 % Student-t interval of the mean of the finite `values` (`dp2o.evaluate.t_interval`; NaN bounds with
+    fewer than two)."""
+    from dp2o.evaluate.at_m import t_interval as mean_and_interval
+
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) < 2:
         return [float("nan"), float("nan")]
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return [float(values.mean() - half), float(values.mean() + half)]
+    return list(mean_and_interval(values)[1:])
 
 
 def candidates_at(size: int, work_dir: Path, seed: int):
